@@ -1,0 +1,196 @@
+"""One trial's configuration: every hyper-parameter declared once, with its default.
+
+``TrialConfig.from_dict`` is the only way in: unknown keys and invalid values raise ``ConfigError``
+before anything runs. The resolved config (``to_dict``) is saved with every result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from provlae.errors import ConfigError
+
+FAMILIES = ("beta_vae", "vlae", "pro_vlae", "teacher_student")
+DATASETS = ("dsprites", "shapes3d", "mnist", "celeba")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    family: str = "pro_vlae"
+    dataset: str = "dsprites"
+    beta: float = 1.0
+    seed: int = 0
+    levels: int = 3
+    z_dim: int = 2  # latents per level (beta_vae: levels * z_dim in one vector)
+    gamma: float = 0.5  # eq. (10): KL weight on levels not yet in the decoder
+    fade_in_steps: int = 5000  # eq. (9): alpha goes 0 -> 1 over this many steps of a stage
+    steps_per_stage: int = 10000  # every family trains levels * steps_per_stage steps in total
+    batch_size: int = 128
+    lr: float = 5e-4
+    subset: int | None = None  # train on a seeded subset of this many images (None: the full set)
+    data_path: str | None = None  # a real dataset file; None: the procedural generator
+    device: str = "auto"
+    checkpoint_every: int = 0  # steps between mid-stage checkpoints (0: stage ends only)
+    log_every: int = 50  # steps between progress events
+    mi_samples: int = 10000  # sample points of the MI estimator (MIG, MIG-sup, I(x; z_l))
+    factor_train_votes: int = 10000
+    factor_eval_votes: int = 5000
+    eval_subset: int | None = None  # evaluate metrics on a seeded subset (None: the training images)
+    include_shape: bool = False  # dSprites: count the shape factor in MIG / MIG-sup
+    lambda_y: float = 1.0  # teacher-student: output (y) supervision
+    lambda_xcov: float = 1e-4  # teacher-student: cross-covariance penalty
+    lambda_jac: float = 1.0  # teacher-student: Jacobian supervision
+    hidden: int = 256  # dense width of ladder heads and decoder inputs
+    channels: int = 32  # conv channels of the trunk and decoder
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TrialConfig":
+        """Validated config from a dict whose values may be strings (CLI, MLflow params)."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (known: {', '.join(known)})")
+        values = {k: _coerce(k, v, known[k].type) for k, v in raw.items()}
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrialConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text()) if path.suffix == ".json" else _load_yaml(path)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except ValueError as e:
+            raise ConfigError(f"config file {path} is not valid: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of key: value")
+        return cls.from_dict(raw)
+
+    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> "TrialConfig":
+        """A new validated config; overrides is a dict or a list of 'key=value' strings."""
+        if not isinstance(overrides, dict):
+            overrides = parse_assignments(overrides)
+        return TrialConfig.from_dict({**self.to_dict(), **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def run_name(self) -> str:
+        return f"{self.family}-{self.dataset}-b{self.beta:g}-s{self.seed}"
+
+    @property
+    def num_stages(self) -> int:
+        return 1 if self.family in ("beta_vae", "vlae") else self.levels
+
+    @property
+    def total_steps(self) -> int:
+        return self.levels * self.steps_per_stage
+
+    @property
+    def stage_steps(self) -> int:
+        return self.total_steps // self.num_stages
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.family in FAMILIES, f"unknown family {self.family!r} (choose from {', '.join(FAMILIES)})")
+        need(self.dataset in DATASETS, f"unknown dataset {self.dataset!r} (choose from {', '.join(DATASETS)})")
+        need(self.device in DEVICES or self.device.startswith("cuda:"),
+             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for name in ("beta", "lr"):
+            v = getattr(self, name)
+            need(math.isfinite(v) and v > 0, f"{name} must be a finite number > 0, got {v}")
+        for name in ("gamma", "lambda_y", "lambda_xcov", "lambda_jac"):
+            v = getattr(self, name)
+            need(math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0, got {v}")
+        need(1 <= self.levels <= 4, f"levels must be between 1 and 4, got {self.levels}")
+        for name in ("z_dim", "steps_per_stage", "batch_size", "log_every", "mi_samples",
+                     "factor_train_votes", "factor_eval_votes", "hidden", "channels"):
+            v = getattr(self, name)
+            need(v >= 1, f"{name} must be >= 1, got {v}")
+        need(self.seed >= 0, f"seed must be a non-negative integer, got {self.seed}")
+        need(self.fade_in_steps >= 0, f"fade_in_steps must be >= 0, got {self.fade_in_steps}")
+        need(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        for name in ("subset", "eval_subset"):
+            v = getattr(self, name)
+            need(v is None or v >= 2, f"{name} must be >= 2 or None, got {v}")
+        if self.data_path is not None:
+            need(Path(self.data_path).exists(), f"data_path does not exist: {self.data_path}")
+        need(self.data_path is not None or self.dataset in ("dsprites", "shapes3d"),
+             f"dataset {self.dataset!r} has no procedural generator: set data_path to its files")
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """['beta=4', 'seed=1'] -> {'beta': '4', 'seed': '1'}; values are coerced by from_dict."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"expected key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+_NONE_WORDS = {"none", "null", ""}
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _coerce(key: str, value: Any, annotation: str) -> Any:
+    """Cast a raw value (possibly a string) to the field's declared type, or raise ConfigError."""
+    optional = "None" in annotation
+    base = annotation.replace("| None", "").strip()
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
+        if optional:
+            return None
+        raise ConfigError(f"{key} must not be empty")
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            return _BOOL_WORDS[str(value).strip().lower()]
+        if base == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if isinstance(value, str):
+                value = value.strip()
+                f = float(value)  # accepts "1e3"; rejects "abc"
+                if not f.is_integer():
+                    raise ValueError
+                return int(f)
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base == "str":
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (ValueError, KeyError, TypeError, OverflowError):
+        raise ConfigError(f"{key} must be {'an integer' if base == 'int' else 'a ' + base}, "
+                          f"got {value!r}") from None
+    raise AssertionError(f"unhandled field type {annotation}")
+
+
+def _load_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(str(e)) from None
