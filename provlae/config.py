@@ -34,6 +34,7 @@ class TrialConfig:
     lr: float = 5e-4
     subset: int | None = None  # train on a seeded subset of this many images (None: the full set)
     data_path: str | None = None  # a real dataset file; None: the procedural generator
+    data_seed: int = 0  # picks the subset; fixed across trial seeds so every seed sees the same images
     device: str = "auto"
     checkpoint_every: int = 0  # steps between mid-stage checkpoints (0: stage ends only)
     log_every: int = 50  # steps between progress events
@@ -122,6 +123,7 @@ class TrialConfig:
             v = getattr(self, name)
             need(v >= 1, f"{name} must be >= 1, got {v}")
         need(self.seed >= 0, f"seed must be a non-negative integer, got {self.seed}")
+        need(self.data_seed >= 0, f"data_seed must be a non-negative integer, got {self.data_seed}")
         need(self.fade_in_steps >= 0, f"fade_in_steps must be >= 0, got {self.fade_in_steps}")
         need(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         for name in ("subset", "eval_subset"):

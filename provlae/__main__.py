@@ -1,0 +1,128 @@
+"""``python -m provlae``: train one trial, generate or check datasets.
+
+  python -m provlae train [--config FILE] [--set key=value ...] --out DIR
+  python -m provlae data generate {dsprites,shapes3d} --out PATH
+  python -m provlae data check PATH
+
+User errors print one line ``error: ...`` and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from provlae.errors import ProvlaeError
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+
+
+def build_config(config_file: str | None, assignments: list[str]):
+    from provlae.config import TrialConfig, parse_assignments
+
+    base = TrialConfig.from_file(config_file).to_dict() if config_file else {}
+    return TrialConfig.from_dict({**base, **parse_assignments(assignments)})
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class TerminalProgress:
+    """One line per progress event on stderr: stage, step, loss terms, alpha, img/s, ETA (throttled)."""
+
+    def __init__(self, total_steps: int, batch_size: int, every_s: float = 1.0):
+        self.total, self.batch, self.every_s, self.last = total_steps, batch_size, every_s, 0.0
+
+    def __call__(self, event) -> None:
+        now = time.monotonic()
+        if event.kind == "step" and now - self.last < self.every_s and event.step != self.total:
+            return
+        self.last = now
+        m = event.metrics
+        if event.kind == "step":
+            kls = " ".join(f"{k}={m[k]:.2f}" for k in sorted(m) if k.startswith("kl_z"))
+            eta = (self.total - event.step) * self.batch / max(m["img_s"], 1e-9)
+            print(f"stage {event.stage} step {event.step}/{self.total} loss={m['loss']:.2f} "
+                  f"recon={m['recon']:.2f} {kls} alpha={m['alpha']:.2f} {m['img_s']:.0f} img/s "
+                  f"ETA {_fmt_eta(eta)}", file=sys.stderr, flush=True)
+        elif event.kind == "stage_end":
+            keys = ("recon_error", "mig", "mig_sup", "factor_score", "mi_total")
+            shown = " ".join(f"{k}={m[k]:.3f}" for k in keys if k in m)
+            print(f"stage {event.stage} done at step {event.step}: {shown}", file=sys.stderr, flush=True)
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from provlae.train import Trainer
+
+    cfg = build_config(args.config, args.set)
+    out = Path(args.out)
+    trainer = Trainer(cfg)  # loads data and builds the model: every input error surfaces here
+    ckpt = out / CHECKPOINT
+    if ckpt.exists():
+        trainer.load_checkpoint(ckpt)
+        print(f"resuming {cfg.run_name} from step {trainer.step} ({ckpt})", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = TerminalProgress(cfg.total_steps, cfg.batch_size)
+
+    def on_event(event) -> None:
+        progress(event)
+        if event.kind in ("checkpoint", "stage_end"):
+            trainer.save_checkpoint(ckpt)
+
+    t0 = time.perf_counter()
+    metrics = trainer.run(on_event)
+    figures = trainer.write_figures(out / "figures")
+    write_json_atomic(out / "config.json", cfg.to_dict())
+    result = {
+        "config": cfg.to_dict(),
+        "metrics": metrics,
+        "stages": trainer.history,
+        "figures": [str(p.relative_to(out)) for p in figures],
+        "timing": {"run_s": time.perf_counter() - t0, "train_s": trainer.train_seconds},
+    }
+    write_json_atomic(out / RESULT, result)
+    print(json.dumps(metrics, sort_keys=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from provlae.data.cli import add_subcommands as add_data_subcommands
+
+    parser = argparse.ArgumentParser(prog="python -m provlae", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train one trial and write DIR/result.json and DIR/figures/")
+    train.add_argument("--config", help="YAML or JSON file of config fields")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config field (repeatable)")
+    train.add_argument("--out", required=True, help="output directory (resumes from its checkpoint)")
+    train.set_defaults(func=cmd_train)
+    data = sub.add_parser("data", help="generate or check datasets")
+    add_data_subcommands(data.add_subparsers(dest="data_command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ProvlaeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The four model families (paper §4): how each one drives the same ladder network.
+
+A family says which levels (or latent dimensions) are active at a stage, the fade-in gates, the weight
+of each level's KL term, and any extra loss; the trainer loop is shared. Every family has the same total
+number of latents (levels * z_dim) and trains for the same total number of steps. New families register
+by name with ``@register("name")`` and override the hooks they need.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from provlae.config import TrialConfig
+from provlae.models.ladder import Gates, LadderOutput, LadderVAE
+
+FAMILIES: dict[str, type["Family"]] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        cls.name = name
+        FAMILIES[name] = cls
+        return cls
+    return wrap
+
+
+def build_family(cfg: TrialConfig) -> "Family":
+    return FAMILIES[cfg.family](cfg)
+
+
+@dataclass
+class LossOutput:
+    """The loss to minimise plus its named terms (floats or 0-dim tensors) for logging."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-image negative log-likelihood, summed over pixels: (B,)."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over (masked) dims, mean over the batch."""
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)  # (B, z)
+    if mask is not None:
+        kl = kl * mask
+    return kl.sum(1).mean()
+
+
+class Family:
+    name = "base"
+
+    def __init__(self, cfg: TrialConfig):
+        self.cfg = cfg
+        self.L = cfg.levels
+
+    # ---------------------------------------------------------------- structure
+    def level_dims(self) -> list[int]:
+        """Latents per level, lowest first."""
+        return [self.cfg.z_dim] * self.L
+
+    @property
+    def num_stages(self) -> int:
+        return self.cfg.num_stages
+
+    def active_levels(self, stage: int) -> list[int]:
+        """0-based indices of the levels used in generation at this stage."""
+        return [l for l, d in enumerate(self.level_dims()) if d > 0]
+
+    def alpha(self, stage: int, t: int) -> float:
+        """Fade-in coefficient of the newest level, t steps after its stage began."""
+        return 1.0
+
+    def gates(self, stage: int, t: int, device) -> Gates:
+        active = set(self.active_levels(stage))
+        return Gates(enc=[1.0] * self.L, dec=[1.0 if l in active else 0.0 for l in range(self.L)],
+                     dim_mask=[None] * self.L)
+
+    def kl_weights(self, stage: int) -> list[float]:
+        """Weight of KL_l in the loss: beta for levels in use, 0 for the rest."""
+        active = set(self.active_levels(stage))
+        return [self.cfg.beta if l in active else 0.0 for l in range(self.L)]
+
+    # ---------------------------------------------------------------- objective
+    def loss(self, model: LadderVAE, x: torch.Tensor, stage: int, t: int) -> LossOutput:
+        gates = self.gates(stage, t, x.device)
+        out = model(x, gates)
+        recon = bernoulli_nll(out.logits, x).mean()
+        terms = {"recon": recon}
+        total = recon
+        for l, w in enumerate(self.kl_weights(stage)):
+            if out.mu[l] is None:
+                continue
+            kl = gaussian_kl(out.mu[l], out.logvar[l], gates.dim_mask[l])
+            terms[f"kl_z{l + 1}"] = kl
+            if w:
+                total = total + w * kl
+        extra = self.extra_loss(model, x, out, stage)
+        for k, v in extra.items():
+            terms[k] = v
+            total = total + v
+        terms["loss"] = total
+        return LossOutput(total, terms)
+
+    def extra_loss(self, model: LadderVAE, x: torch.Tensor, out: LadderOutput, stage: int) -> dict:
+        return {}
+
+    # ---------------------------------------------------------------- stage boundaries and state
+    def begin_stage(self, model: LadderVAE, stage: int) -> None:
+        """Called when training enters a stage (also after a resume landed on a stage boundary)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, model: LadderVAE) -> None:
+        pass
+
+
+@register("vlae")
+class VLAE(Family):
+    """All levels active from step 0; loss = recon + beta * sum_l KL_l."""
+
+
+@register("beta_vae")
+class BetaVAE(Family):
+    """One code of levels*z_dim latents at the deepest level; loss = recon + beta * KL."""
+
+    def level_dims(self) -> list[int]:
+        return [0] * (self.L - 1) + [self.L * self.cfg.z_dim]
+
+
+@register("pro_vlae")
+class ProVLAE(Family):
+    """Levels grown from the deepest (l = L) down, one per stage, with fade-in and the gamma pre-KL."""
+
+    def active_levels(self, stage: int) -> list[int]:
+        return list(range(self.L - 1 - stage, self.L))
+
+    def alpha(self, stage: int, t: int) -> float:
+        if stage == 0 or self.cfg.fade_in_steps == 0:
+            return 1.0
+        return min(1.0, t / self.cfg.fade_in_steps)
+
+    def gates(self, stage: int, t: int, device) -> Gates:
+        new = self.L - 1 - stage  # the level added at this stage
+        a = self.alpha(stage, t)
+        enc = [a if l == new else 1.0 for l in range(self.L)]
+        dec = [0.0 if l < new else (a if l == new else 1.0) for l in range(self.L)]  # inactive: 0
+        return Gates(enc=enc, dec=dec, dim_mask=[None] * self.L)
+
+    def kl_weights(self, stage: int) -> list[float]:
+        # eq. (8) beta on levels in use; eq. (10) gamma on levels not grown yet
+        new = self.L - 1 - stage
+        return [self.cfg.gamma if l < new else self.cfg.beta for l in range(self.L)]
+
+
+@register("teacher_student")
+class TeacherStudent(Family):
+    """Lezama (2019): the code at the deepest level grows by z_dim dims per stage.
+
+    Stage 0 is a plain VAE (the teacher). Each later stage is a student that inherits the teacher's
+    weights for its first dims and adds z_dim new ones; a frozen copy of the model at the stage start
+    is the teacher. Loss = ELBO + lambda_y * mean((y_T - y_S)^2) + lambda_xcov * ||cov(z_new, y_S)||_F / B
+    + lambda_jac * mean((Delta_T - Delta_S)^2), Delta = D(y) - D(y with the inherited code permuted
+    within the batch).
+    """
+
+    def __init__(self, cfg: TrialConfig):
+        super().__init__(cfg)
+        self.teacher: LadderVAE | None = None
+        self.teacher_stage = -1
+
+    def level_dims(self) -> list[int]:
+        return [0] * (self.L - 1) + [self.L * self.cfg.z_dim]
+
+    def _mask(self, stage: int, device) -> torch.Tensor:
+        m = torch.zeros(self.L * self.cfg.z_dim, device=device)
+        m[: (stage + 1) * self.cfg.z_dim] = 1.0
+        return m
+
+    def gates(self, stage: int, t: int, device) -> Gates:
+        return Gates(enc=[1.0] * self.L, dec=[1.0] * self.L,
+                     dim_mask=[None] * (self.L - 1) + [self._mask(stage, device)])
+
+    def begin_stage(self, model: LadderVAE, stage: int) -> None:
+        if stage == 0 or self.teacher_stage == stage:
+            return
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        self.teacher_stage = stage
+
+    def extra_loss(self, model: LadderVAE, x: torch.Tensor, out: LadderOutput, stage: int) -> dict:
+        if stage == 0:
+            return {}
+        cfg, top = self.cfg, self.L - 1
+        k = stage * cfg.z_dim  # inherited dims
+        with torch.no_grad():
+            t_mu, _ = self.teacher.encode(x, _all_on(self.L))
+            y_t = t_mu[top][:, :k]  # (B, k)
+            perm = torch.randperm(x.shape[0], device=x.device)
+            d_t = self._delta(self.teacher, _pad(y_t, cfg, stage - 1), perm, k, stage - 1)
+        mu = out.mu[top]
+        y_s = mu[:, :k]
+        z_new = mu[:, k: k + cfg.z_dim]
+        d_s = self._delta(model, mu * self._mask(stage, x.device), perm, k, stage)
+        yc, nc = y_s - y_s.mean(0), z_new - z_new.mean(0)
+        xcov = (nc.T @ yc / x.shape[0]).norm() / x.shape[0]  # ||cov(z_new, y_S)||_F / B
+        return {"ts_y": cfg.lambda_y * (y_t - y_s).pow(2).mean(),
+                "ts_xcov": cfg.lambda_xcov * xcov,
+                "ts_jac": cfg.lambda_jac * (d_t - d_s).pow(2).mean()}
+
+    def _delta(self, net: LadderVAE, code: torch.Tensor, perm: torch.Tensor, k: int, stage: int):
+        """D(code) - D(code with its first k dims permuted within the batch), as probabilities."""
+        swapped = code.clone()
+        swapped[:, :k] = code[perm, :k]
+        gates = self.gates(stage, 0, code.device)
+        zs = [None] * (self.L - 1)
+        both = torch.cat([code, swapped])
+        probs = torch.sigmoid(net.decode(zs + [both], gates))
+        a, b = probs.chunk(2)
+        return a - b
+
+    def state_dict(self) -> dict:
+        return {"teacher": None if self.teacher is None else self.teacher.state_dict(),
+                "teacher_stage": self.teacher_stage}
+
+    def load_state_dict(self, state: dict, model: LadderVAE) -> None:
+        self.teacher_stage = state["teacher_stage"]
+        if state["teacher"] is not None:
+            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+            self.teacher.load_state_dict(state["teacher"])
+
+
+def _all_on(levels: int) -> Gates:
+    return Gates(enc=[1.0] * levels, dec=[1.0] * levels, dim_mask=[None] * levels)
+
+
+def _pad(y: torch.Tensor, cfg: TrialConfig, stage: int) -> torch.Tensor:
+    """Teacher code (B, k) padded with zeros to the full code width."""
+    return F.pad(y, (0, cfg.levels * cfg.z_dim - y.shape[1]))
