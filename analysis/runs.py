@@ -1,0 +1,237 @@
+"""A sweep's trial runs, read back from MLflow into one typed DataFrame (DESIGN §3.3).
+
+The sweep logs one parent run per sweep and one child run per trial. MLflow hands params back as
+strings; here they are cast to the types ``TrialConfig`` declares (``"None"`` becomes None). Metrics
+are the latest value of each key, which is the final evaluation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+from mlflow.exceptions import MlflowException
+
+from analysis.errors import AnalysisError
+from provlae.config import TrialConfig
+from provlae.paths import default_tracking_uri
+
+ROLE_TAG = "provlae.role"
+PARENT_TAG = "mlflow.parentRunId"
+FIRST_COLUMNS = ("run_id", "run_name", "status", "start_time", "end_time",
+                 "family", "dataset", "beta", "seed")
+PAGE_SIZE = 1000
+_DECLARED = {f.name: str(f.type).replace("| None", "").strip() for f in dataclasses.fields(TrialConfig)}
+_NONE_WORDS = {"None", "none", "null", ""}
+_BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}
+_MI_KEY = re.compile(r"mi_z(\d+)")
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """The URI given, else ``$MLFLOW_TRACKING_URI``, else the sqlite store under the data home."""
+    return tracking_uri or default_tracking_uri()
+
+
+def client_for(tracking_uri: str | None = None) -> tuple[MlflowClient, str]:
+    """An MlflowClient and its URI; a sqlite file that does not exist is an error, not a new store."""
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and ":memory:" not in uri:
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise AnalysisError(f"no MLflow store at {path} (tracking URI {uri})")
+    return MlflowClient(tracking_uri=uri), uri
+
+
+def load_runs(experiment: str, tracking_uri: str | None = None, include_failed: bool = False) -> pd.DataFrame:
+    """One row per trial run of ``experiment``: ids, status, start/end time, typed params, final metrics.
+
+    Parent (sweep) runs are left out: those tagged ``provlae.role=sweep`` and any run that is the
+    parent of another. Only FINISHED runs unless ``include_failed`` (then every status, and the
+    ``error`` tag of failed ones). ``df.attrs`` names the experiment, URI, param and metric columns.
+    """
+    client, uri = client_for(tracking_uri)
+    try:
+        exp_id = _experiment_id(client, experiment, uri)
+        runs = _search_all(client, exp_id)
+    except MlflowException as e:
+        raise AnalysisError(f"cannot read MLflow at {uri}: {_first_line(e.message)}") from None
+    parents = {r.data.tags.get(PARENT_TAG) for r in runs}
+    trials = [r for r in runs if r.data.tags.get(ROLE_TAG) != "sweep" and r.info.run_id not in parents]
+    if not trials:
+        raise AnalysisError(f"experiment {experiment!r} has no trial runs")
+    kept = trials if include_failed else [r for r in trials if r.info.status == "FINISHED"]
+    if not kept:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r.info.status for r in trials).items()))
+        raise AnalysisError(f"experiment {experiment!r} has no FINISHED trial runs ({counts})")
+    frame = _frame(kept)
+    frame.attrs.update(experiment=experiment, tracking_uri=uri)
+    return frame
+
+
+def export_parquet(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write a load_runs() frame to parquet (pyarrow). Object columns that mix types (a param that
+    is an int in one run and text in another) are written as text so that every row survives."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = df.copy()
+    for name in table.columns[table.dtypes == object]:
+        kinds = {type(v) for v in table[name] if not _missing(v)}
+        if kinds <= {int, float} and len(kinds) == 2:
+            table[name] = table[name].astype(float)
+        elif len(kinds) > 1:
+            table[name] = table[name].map(lambda v: v if v is None else str(v))
+    table.to_parquet(path, engine="pyarrow", index=False)
+    return path
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage != "active":
+        known = sorted(e.name for e in client.search_experiments())
+        raise AnalysisError(f"no MLflow experiment named {name!r} at {uri} (experiments: {', '.join(known)})")
+    return exp.experiment_id
+
+
+def _search_all(client: MlflowClient, exp_id: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp_id], run_view_type=ViewType.ACTIVE_ONLY,
+                                  max_results=PAGE_SIZE, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _frame(runs: list) -> pd.DataFrame:
+    """Columns: FIRST_COLUMNS, params, user tags not already a column, parent_run_id, metrics (float)."""
+    params = sorted({k for r in runs for k in r.data.params})
+    metrics = sorted({k for r in runs for k in r.data.metrics})
+    taken = set(params) | set(metrics) | set(FIRST_COLUMNS)
+    tags = sorted({k for r in runs for k in r.data.tags if not k.startswith("mlflow.")} - taken - {ROLE_TAG})
+    rows = [_row(r, tags) for r in runs]
+    columns = {}
+    for name in [*FIRST_COLUMNS, *params, *tags, "parent_run_id"]:
+        if name in columns:
+            continue
+        values = pd.Series([row.get(name) for row in rows], dtype=object)
+        columns[name] = values if values.isna().any() else values.infer_objects()
+    for name in metrics:
+        columns[name] = pd.Series([r.data.metrics.get(name) for r in runs], dtype=float)
+    columns["start_time"] = pd.to_datetime(columns["start_time"].astype(float), unit="ms", utc=True)
+    columns["end_time"] = pd.to_datetime(columns["end_time"].astype(float), unit="ms", utc=True)
+    frame = pd.DataFrame(columns)
+    frame.attrs.update(params=params, metrics=metrics)
+    return frame
+
+
+def _row(run, tags: list[str]) -> dict:
+    info, data = run.info, run.data
+    name = info.run_name or data.tags.get("mlflow.runName")
+    row = {key: data.tags.get(key) for key in ("family", "dataset")}  # params override these below
+    row.update({key: data.tags.get(key) for key in tags})
+    row.update({key: cast_param(name, key, text) for key, text in data.params.items()})
+    row.update(run_id=info.run_id, run_name=name, status=info.status,
+               start_time=info.start_time, end_time=info.end_time, parent_run_id=data.tags.get(PARENT_TAG))
+    return row
+
+
+def cast_param(run_name: str, key: str, text: str):
+    """A param string as the type TrialConfig declares for ``key``; unknown keys are guessed."""
+    if text in _NONE_WORDS:
+        return None
+    kind = _DECLARED.get(key)
+    if kind is None:
+        return _guess(text)
+    try:
+        if kind == "int":
+            number = float(text)  # "1e3" and "100.0" are ints too
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if kind == "float":
+            return float(text)
+        if kind == "bool":
+            return _BOOL_WORDS[text.strip().lower()]
+        return text
+    except (ValueError, KeyError):
+        raise AnalysisError(f"run {run_name}: param {key}={text!r} is not a valid {kind}") from None
+
+
+def _guess(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def stage_information(run_id: str, tracking_uri: str | None = None) -> pd.DataFrame:
+    """I(x; z_l) at the end of each progressive stage of one run (paper Fig. 5), from metric history.
+
+    One row per stage (index ``stage``): ``step`` of the evaluation, ``mi_z1..mi_zL`` and, where
+    logged, ``mi_total`` and ``mi_over``. A stage evaluated twice (stage end, then end of training)
+    keeps its last evaluation.
+    """
+    client, uri = client_for(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+        levels = sorted(int(m.group(1)) for key in run.data.metrics if (m := _MI_KEY.fullmatch(key)))
+        if not levels:
+            raise AnalysisError(f"run {run_id} has no mi_z<l> metrics logged")
+        keys = [f"mi_z{l}" for l in levels] + [k for k in ("mi_total", "mi_over") if k in run.data.metrics]
+        history = {key: _last_per_step(client.get_metric_history(run_id, key)) for key in keys}
+        stage_log = client.get_metric_history(run_id, "stage") if "stage" in run.data.metrics else []
+    except MlflowException as e:
+        raise AnalysisError(f"cannot read run {run_id} at {uri}: {_first_line(e.message)}") from None
+    steps = sorted(set().union(*(history[f"mi_z{l}"] for l in levels)))
+    labels = label_stages(steps, [(m.step, m.timestamp, m.value) for m in stage_log])
+    by_stage = {label: step for step, label in zip(steps, labels)}  # later evaluations win
+    rows = [{"stage": s, "step": t, **{k: history[k].get(t, float("nan")) for k in keys}}
+            for s, t in sorted(by_stage.items())]
+    return pd.DataFrame(rows).set_index("stage")
+
+
+def label_stages(eval_steps: list[int], stage_log: list[tuple[int, int, float]]) -> list[int]:
+    """The progressive stage that each evaluation step (sorted) closes.
+
+    Evaluations run at each stage end and once more at the end of training, usually at the same step
+    as the last stage end. When there are no more distinct evaluation steps than stages, the i-th
+    closes the i-th stage: no guess is needed about whether the ``stage`` value logged at a boundary
+    step is the old stage or the new one. Otherwise an evaluation belongs to the stage last logged
+    at or before its step. ``stage_log`` holds (step, timestamp, value).
+    """
+    stages = sorted({int(value) for _, _, value in stage_log})
+    if not stages:
+        return list(range(len(eval_steps)))
+    if len(eval_steps) <= len(stages):
+        return stages[: len(eval_steps)]
+    ordered = sorted(stage_log)
+    labels = []
+    for step in eval_steps:
+        before = [value for s, _, value in ordered if s <= step]
+        labels.append(int(before[-1]) if before else stages[0])
+    return labels
+
+
+def _last_per_step(history: list) -> dict[int, float]:
+    last = {}
+    for m in sorted(history, key=lambda m: (m.step, m.timestamp)):
+        last[m.step] = m.value
+    return last
+
+
+def _first_line(text: str) -> str:
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else "unknown MLflow error"
