@@ -1,0 +1,10 @@
+"""Ray Tune programs over the pro-VLAE trainer.
+
+- ``grid``      the study as a declarative product of axes (datasets x families x betas x seeds) + presets
+- ``cli``       argument parsing and error reporting shared by the sweep scripts
+- ``tracking``  the MLflow contract: one parent run per sweep, exactly one child run per trial
+- ``trainable`` the thin Tune function trainable (config dict -> TrialConfig -> Trainer)
+- ``launch``    Ray start-up, Tuner creation or restore, and the end-of-sweep summary
+
+Scripts: ``sweeps/full_grid.py`` (the paper's grid).
+"""

@@ -1,0 +1,69 @@
+"""Argument parsing and error reporting shared by the sweep scripts.
+
+Every user error (provlae.errors.ProvlaeError: bad config, unreachable tracking store, ...) ends the
+script with one line ``error: ...`` on stderr and exit status 2, before Ray starts.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+from provlae import paths
+from provlae.config import parse_assignments
+from provlae.errors import ConfigError, ProvlaeError
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a directory name and a safe MLflow filter value
+
+
+def add_sweep_args(parser: argparse.ArgumentParser) -> None:
+    """Flags every sweep script shares: overrides, resources, tracking, storage, failure handling."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a TrialConfig field for every trial (repeatable)")
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved per trial")
+    parser.add_argument("--gpus-per-trial", type=float, default=0.0,
+                        help="GPUs per trial; fractions pack trials (0.25: four per GPU); > 0 trains on cuda")
+    parser.add_argument("--experiment", default="provlae", help="MLflow experiment (default: provlae)")
+    parser.add_argument("--name", help="sweep name: Ray storage folder and MLflow parent run "
+                                       "(default: derived from the preset)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a "
+                                               "sqlite file under the user data directory)")
+    parser.add_argument("--storage", type=Path, help="Ray Tune results and checkpoints "
+                                                     "(default: <user data dir>/ray_results)")
+    parser.add_argument("--max-failures", type=int, default=2, help="retries per trial (default: 2)")
+    parser.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, as under "
+                                          "`ray job submit`; else start a local Ray on this machine)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate every trial config, print one line per trial, start nothing")
+
+
+def resolve_common(args: argparse.Namespace, default_name: str) -> None:
+    """Fill defaults that depend on the environment, and check the shared flags."""
+    args.name = args.name or default_name
+    if not NAME.match(args.name):
+        raise ConfigError(f"--name must be letters, digits, '_', '.' or '-', got {args.name!r}")
+    args.tracking_uri = args.tracking_uri or paths.default_tracking_uri()
+    args.storage = (args.storage or paths.default_storage()).expanduser().resolve()
+    if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
+        raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    if args.max_failures < -1:
+        raise ConfigError(f"--max-failures must be >= -1 (-1: retry forever), got {args.max_failures}")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    args.overrides = parse_assignments(args.overrides)
+    if args.gpus_per_trial > 0:
+        args.overrides.setdefault("device", "cuda")
+    else:
+        args.overrides.setdefault("device", "cpu")
+
+
+def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run a script's main; a user error becomes ``error: ...`` on stderr and status 2."""
+    try:
+        return main(argv)
+    except ProvlaeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

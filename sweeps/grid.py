@@ -1,0 +1,156 @@
+"""The study as a declarative product of axes: datasets x families x betas x seeds.
+
+Seeds are an explicit axis (not Tune's ``num_samples``), so every trial is an addressable point with a
+stable name (``TrialConfig.run_name``). ``teacher_student`` has no beta to sweep: it is not crossed with
+the beta axis and runs once per dataset x seed with beta = 1.
+
+A trial's config is resolved in layers, later ones winning:
+    preset.base  <  preset.per_dataset[dataset]  <  the grid point  <  --set overrides
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any, Sequence
+
+from provlae.config import FAMILIES, TrialConfig, parse_assignments
+from provlae.errors import ConfigError
+
+AXES = ("dataset", "family", "beta", "seed")  # set by the grid, never by --set
+NOT_CROSSED_WITH_BETA = {"teacher_student": 1.0}  # family -> the one beta it runs with
+DATASET_SIZES = {"dsprites": 737_280, "shapes3d": 480_000}  # full factor grids (DESIGN §2.1)
+PAPER_BETAS = (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 16.0, 20.0)
+
+
+@dataclass(frozen=True)
+class Preset:
+    datasets: tuple[str, ...]
+    families: tuple[str, ...]
+    betas: tuple[float, ...]
+    seeds: tuple[int, ...]
+    base: dict[str, Any] = field(default_factory=dict)  # TrialConfig fields for every trial
+    # per dataset: TrialConfig fields, plus "epochs_per_stage" which sets steps_per_stage from the data size
+    per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+PRESETS = {
+    # The paper's study at full scale (DESIGN §2.2): a GPU cluster's worth of work.
+    "paper": Preset(
+        datasets=("dsprites", "shapes3d"), families=FAMILIES, betas=PAPER_BETAS, seeds=tuple(range(5)),
+        base={"checkpoint_every": 5000},
+        per_dataset={"dsprites": {"z_dim": 2, "batch_size": 128, "epochs_per_stage": 30},
+                     "shapes3d": {"z_dim": 3, "batch_size": 100, "epochs_per_stage": 15}}),
+    # Minutes on a laptop CPU: a dSprites subset, tiny step counts, small metric samples.
+    "demo": Preset(
+        datasets=("dsprites",), families=FAMILIES, betas=(1.0, 4.0), seeds=(0,),
+        base={"subset": 5000, "steps_per_stage": 150, "batch_size": 64, "fade_in_steps": 75,
+              "log_every": 25, "mi_samples": 1000, "factor_train_votes": 300, "factor_eval_votes": 150}),
+    # Seconds per trial, for tests.
+    "smoke": Preset(
+        datasets=("dsprites",), families=FAMILIES, betas=(1.0,), seeds=(0,),
+        base={"subset": 1000, "steps_per_stage": 10, "batch_size": 32, "fade_in_steps": 5, "log_every": 5,
+              "mi_samples": 200, "factor_train_votes": 100, "factor_eval_votes": 50}),
+}
+
+
+def trial_points(datasets: Sequence[str], families: Sequence[str], betas: Sequence[float],
+                 seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """The grid points, seeds innermost; families in NOT_CROSSED_WITH_BETA get their one beta."""
+    points = []
+    for dataset, family in product(datasets, families):
+        family_betas = (NOT_CROSSED_WITH_BETA[family],) if family in NOT_CROSSED_WITH_BETA else betas
+        for beta, seed in product(family_betas, seeds):
+            points.append({"dataset": dataset, "family": family, "beta": beta, "seed": seed})
+    return points
+
+
+def steps_per_epoch(dataset: str, subset: int | None, batch_size: int) -> int:
+    n = subset or DATASET_SIZES[dataset]
+    return max(1, n // batch_size)  # the trainer drops the incomplete tail of each epoch
+
+
+def resolve(preset: Preset, point: dict[str, Any], overrides: dict[str, Any]) -> TrialConfig:
+    """One validated trial config: preset layers, then the point, then the overrides."""
+    raw = {**preset.base, **preset.per_dataset.get(point["dataset"], {}), **point, **overrides}
+    epochs = raw.pop("epochs_per_stage", None)
+    if epochs is not None and "steps_per_stage" not in overrides:
+        probe = TrialConfig.from_dict(raw)  # validated and coerced (subset, batch_size may be strings)
+        raw["steps_per_stage"] = epochs * steps_per_epoch(probe.dataset, probe.subset, probe.batch_size)
+    if raw.get("data_path"):  # trials run in their own directories: make the path absolute
+        raw["data_path"] = str(Path(raw["data_path"]).expanduser().resolve())
+    return TrialConfig.from_dict(raw)
+
+
+def build_trials(preset: str | Preset, datasets: Sequence[str] | None = None,
+                 families: Sequence[str] | None = None, betas: Sequence[float] | None = None,
+                 seeds: Sequence[int] | None = None,
+                 overrides: dict[str, Any] | Sequence[str] = ()) -> list[TrialConfig]:
+    """Every trial of the sweep, validated; axes left as None come from the preset."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+        preset = PRESETS[preset]
+    if not isinstance(overrides, dict):
+        overrides = parse_assignments(list(overrides))
+    fixed = sorted(set(overrides) & set(AXES))
+    if fixed:
+        raise ConfigError(f"--set cannot change grid axes ({', '.join(fixed)}): "
+                          f"use --datasets, --families, --betas, --seeds")
+    axes = dict(datasets=datasets or preset.datasets, families=families or preset.families,
+                betas=betas or preset.betas, seeds=seeds if seeds is not None else preset.seeds)
+    configs = [resolve(preset, point, overrides) for point in trial_points(**axes)]
+    names = [c.run_name for c in configs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"the grid names two trials alike: {', '.join(twice)} (repeated axis values?)")
+    return configs
+
+
+# ------------------------------------------------------------------------------------ axis parsing
+
+
+def parse_list(text: str) -> list[str]:
+    items = [s.strip() for s in str(text).split(",")]
+    items = [s for s in items if s]
+    if not items:
+        raise ConfigError(f"expected a comma-separated list, got {text!r}")
+    return list(dict.fromkeys(items))  # drop repeats, keep order
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'5' -> 0..4 (a count); '0,1,2' or '7,' -> those seeds."""
+    text = str(text).strip()
+    items = parse_list(text)
+    seeds = [_integer(s, "seed") for s in items]
+    if "," not in text:
+        if seeds[0] < 1:
+            raise ConfigError(f"--seeds N needs N >= 1 (a count), got {text!r}; list seeds as '0,1,2'")
+        return list(range(seeds[0]))
+    if any(s < 0 for s in seeds):
+        raise ConfigError(f"seeds must be non-negative integers, got {text!r}")
+    return list(dict.fromkeys(seeds))
+
+
+def parse_betas(text: str) -> list[float]:
+    betas = []
+    for item in parse_list(text):
+        try:
+            beta = float(item)
+        except ValueError:
+            raise ConfigError(f"beta must be a number, got {item!r}") from None
+        if not (math.isfinite(beta) and beta > 0):
+            raise ConfigError(f"beta must be a finite number > 0, got {item!r}")
+        betas.append(beta)
+    return list(dict.fromkeys(betas))
+
+
+def _integer(text: str, what: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value.is_integer():
+        raise ConfigError(f"{what} must be an integer, got {text!r}")
+    return int(value)

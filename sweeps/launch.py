@@ -1,0 +1,182 @@
+"""Run a list of trial configs as one Ray Tune experiment, tracked in MLflow.
+
+Order matters for the error contract: configs are validated by the caller, then the tracking store is
+checked (bounded time), then the sweep folder; only then does Ray start and the parent run get made.
+Re-running the same command resumes the experiment (``Tuner.restore``); finished trials never run again.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from provlae.config import TrialConfig
+from provlae.errors import ConfigError
+from sweeps import tracking
+from sweeps.trainable import train_trial, trial_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = "provlae_sweep.json"  # the grid a sweep folder was started with
+TABLE_METRICS = ("mig", "mig_sup", "factor_score", "recon_error")
+
+
+def run_sweep(configs: list[TrialConfig], args: argparse.Namespace, description: dict[str, Any]) -> int:
+    """Run (or resume) the sweep; 0 when every trial finished, 1 when any failed."""
+    uri = tracking.normalize_uri(args.tracking_uri)
+    tracking.check_reachable(uri)
+    folder = Path(args.storage) / args.name
+    check_manifest(folder, configs)
+
+    init_ray(args.address)
+    mlflow = tracking.client(uri)
+    experiment_id = tracking.open_experiment(mlflow, args.experiment)
+    parent = tracking.find_or_create_parent(mlflow, experiment_id, args.name,
+                                            {**description, "trials": len(configs)})
+    ctx = tracking.TrackingContext(uri, experiment_id, args.name, parent)
+    results = make_tuner(configs, args, ctx, folder).fit()
+
+    rows, failures = summarize(results, ctx, mlflow)
+    unfinished = len(configs) - len(rows)
+    print(format_table(rows))
+    if unfinished:
+        print(f"\n{unfinished} trial(s) did not finish: rerun the same command to resume the sweep.")
+    if failures:
+        print(f"\n{len(failures)} of {len(configs)} trial(s) failed:")
+        for name, error in failures:
+            print(f"  {name}: {error}")
+    if not unfinished:
+        tracking.end_parent(mlflow, parent, failed=len(failures))
+    print(f"\nMLflow experiment {args.experiment!r} at {uri}, parent run {parent}")
+    print(ui_hint(uri))
+    return 1 if failures or unfinished else 0
+
+
+# ------------------------------------------------------------------------------------------ Ray
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join ``address`` / $RAY_ADDRESS (set for drivers under ``ray job submit``), else start a local Ray:
+    no dashboard, and the repository on the workers' path wherever this script is run from."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    # address="local": never silently join another user's `ray start` cluster on this machine.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+
+
+def make_tuner(configs: list[TrialConfig], args: argparse.Namespace, ctx: tracking.TrackingContext,
+               folder: Path):
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, tracking=ctx, threads=max(1, int(args.cpus_per_trial))),
+        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+    if tune.Tuner.can_restore(str(folder)):
+        print(f"resuming sweep {args.name!r} from {folder}", flush=True)
+        return tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([c.to_dict() for c in configs])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent, reuse_actors=True,
+                                    trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(
+            name=args.name, storage_path=str(args.storage), verbose=1, progress_reporter=reporter(),
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+    )
+
+
+def reporter():
+    """A status table every 30 s, one row per trial with its grid point (not a config dump per trial)."""
+    from ray import tune
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output engine ignores progress_reporter
+    return tune.CLIReporter(
+        parameter_columns={f"trial/{k}": k for k in ("dataset", "family", "beta", "seed")},
+        metric_columns={"step": "step", "stage": "stage", "loss": "loss", "mig": "mig"},
+        max_report_frequency=30)
+
+
+def trial_dirname(trial) -> str:
+    return f"{trial_config(trial.config).run_name}_{trial.trial_id}"
+
+
+# ------------------------------------------------------------------------------ sweep folder
+
+
+def check_manifest(folder: Path, configs: list[TrialConfig]) -> None:
+    """A sweep name resumes the same grid: refuse to resume a folder started with other trials."""
+    digests = sorted(hashlib.sha256(json.dumps(c.to_dict(), sort_keys=True).encode()).hexdigest()
+                     for c in configs)
+    path = folder / MANIFEST
+    if path.exists():
+        before = json.loads(path.read_text())["trials"]
+        if before != digests:
+            raise ConfigError(f"sweep folder {folder} holds a different grid ({len(before)} trials; now "
+                              f"{len(digests)}): repeat the original flags to resume it, or pass --name "
+                              f"for a new sweep")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"trials": digests}))
+
+
+# ---------------------------------------------------------------------------------- the summary
+
+
+def summarize(results, ctx: tracking.TrackingContext, mlflow) -> tuple[list[dict], list[tuple[str, str]]]:
+    """One row per trial that ended (finished or failed); failed trials' runs are marked FAILED."""
+    rows, failures = [], []
+    for result in results:
+        cfg = trial_config(result.config)
+        metrics = result.metrics or {}
+        if result.error is not None:
+            error = last_line(str(result.error))
+            failures.append((cfg.run_name, error))
+            rows.append({"run": cfg.run_name, "status": "FAILED"})
+            _mark_failed(mlflow, ctx, cfg, metrics.get("trial_id", ""), error)
+        elif metrics.get("done"):
+            rows.append({"run": cfg.run_name, "status": "FINISHED", **{k: metrics.get(k) for k in TABLE_METRICS}})
+    return rows, failures
+
+
+def _mark_failed(mlflow, ctx: tracking.TrackingContext, cfg: TrialConfig, trial_id: str, error: str) -> None:
+    """A trial whose worker died on its last try could not end its own run."""
+    run = tracking.find_trial_run(mlflow, ctx.experiment_id, ctx.trial_key(cfg, trial_id))
+    if run is not None and run.info.status != "FAILED":
+        tracking.mark_failed(mlflow, run.info.run_id, error)
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "unknown error")[:300]
+
+
+def format_table(rows: list[dict]) -> str:
+    width = max([len("run")] + [len(r["run"]) for r in rows])
+    header = f"{'run':<{width}}  {'status':<8}" + "".join(f"  {m:>12}" for m in TABLE_METRICS)
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        cells = "".join(f"  {_cell(r.get(m)):>12}" for m in TABLE_METRICS)
+        lines.append(f"{r['run']:<{width}}  {r['status']:<8}{cells}")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def ui_hint(uri: str) -> str:
+    if uri.startswith("http"):
+        return f"Open the MLflow UI at {uri}"
+    return f"Open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1"
+

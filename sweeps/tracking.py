@@ -1,0 +1,261 @@
+"""The MLflow contract of a sweep (DESIGN §3.3), shared with analysis/.
+
+- experiment: ``--experiment``; one parent run per sweep, tagged ``provlae.role=sweep`` and ``sweep=<name>``,
+  found again by those tags when the sweep is resumed.
+- one child run per trial, named ``cfg.run_name``, tagged ``mlflow.parentRunId``, ``provlae.role=trial``,
+  ``family``, ``dataset``, ``sweep``, ``ray_trial_id``; params = every TrialConfig field; metrics with
+  step = global training step; artifacts ``figures/*.png`` and ``config.json``.
+
+Exactly one run per trial: the trial itself (in its Ray worker) finds its run by a deterministic key
+(tag ``provlae.trial_key``: sweep name + resolved config) or creates it, so retries, worker deaths and
+sweep restores all land in the same run. No metric step is logged twice: a resumed trial replays the
+same events bitwise, so steps at or below the last step already stored for a metric are skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from provlae.config import TrialConfig
+from provlae.errors import ProvlaeError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+ROLE_TAG = "provlae.role"
+KEY_TAG = "provlae.trial_key"
+RESUMED_TAG = "provlae.resumed_from_step"  # set when a trial continues from a Tune checkpoint
+ERROR_TAG = "error"
+PARENT_TAG = "mlflow.parentRunId"
+FLUSH_METRICS = 500  # buffered metric values that force a flush
+FLUSH_SECONDS = 15.0  # ... or the time since the last flush
+BATCH_LIMIT = 1000  # MLflow's log_batch limit on metrics per request
+TAG_VALUE_LIMIT = 5000
+
+
+class TrackingError(ProvlaeError):
+    """The tracking store cannot be reached or used."""
+
+
+# ---------------------------------------------------------------------------------------- the store
+
+
+def normalize_uri(uri: str) -> str:
+    """Absolute form of a local store's URI: trials run in their own directories (and jobs in a
+    temporary working_dir), so a relative sqlite or file path would scatter results."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "sqlite":
+        return f"sqlite:///{_sqlite_path(uri)}"
+    if parsed.scheme in ("", "file") and not uri.startswith(("databricks", "uc:")):
+        path = parsed.path if parsed.scheme == "file" else uri
+        return Path(path).expanduser().resolve().as_uri()
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path:
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri[len("sqlite://"):]
+    return Path(path).expanduser().resolve()
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingError, within ``timeout`` seconds, unless the store at ``uri`` can be used."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        health = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(health, timeout=timeout) as response:
+                if response.status != 200:
+                    raise TrackingError(f"tracking server {uri} answered {response.status} on /health")
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingError(f"tracking server {uri} is not reachable ({reason})") from None
+    elif parsed.scheme in ("sqlite", "file"):
+        folder = _sqlite_path(uri).parent if parsed.scheme == "sqlite" else Path(parsed.path)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingError(f"tracking store {uri}: cannot create {folder} ({e.strerror})") from None
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(f"tracking store {uri}: {folder} is not writable")
+
+
+def client(uri: str) -> "MlflowClient":
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def open_experiment(mlflow: "MlflowClient", name: str) -> str:
+    """The experiment's id, created if needed (artifacts beside a sqlite store, never in the cwd)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage != "active":
+            raise TrackingError(f"MLflow experiment {name!r} is deleted: restore it or pick another --experiment")
+        return exp.experiment_id
+    uri = mlflow.tracking_uri
+    location = None
+    if uri.startswith("sqlite:"):
+        location = (_sqlite_path(uri).parent / "mlartifacts" / name).as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by someone else
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_or_create_parent(mlflow: "MlflowClient", experiment_id: str, sweep: str,
+                          params: dict[str, Any]) -> str:
+    """The sweep's parent run (created once; set RUNNING again when the sweep resumes)."""
+    runs = mlflow.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = 'sweep' and tags.sweep = '{sweep}'",
+                              order_by=["attributes.start_time ASC"], max_results=1)
+    if runs:
+        run = runs[0]
+        if run.info.status != "RUNNING":
+            mlflow.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id
+    run = mlflow.create_run(experiment_id, run_name=sweep, tags={ROLE_TAG: "sweep", "sweep": sweep})
+    _log_params(mlflow, run.info.run_id, params)
+    return run.info.run_id
+
+
+def end_parent(mlflow: "MlflowClient", run_id: str, failed: int) -> None:
+    mlflow.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+
+# ------------------------------------------------------------------------------------- trial runs
+
+
+@dataclass(frozen=True)
+class TrackingContext:
+    """What a trial needs to find its run: small, picklable, sent to every trial."""
+
+    tracking_uri: str
+    experiment_id: str
+    sweep: str
+    parent_run_id: str
+    key_by: str = "config"  # "config": the resolved config names the trial; "trial_id": Tune's trial id
+
+    def trial_key(self, cfg: TrialConfig, trial_id: str) -> str:
+        what = json.dumps(cfg.to_dict(), sort_keys=True) if self.key_by == "config" else trial_id
+        return hashlib.sha256(f"{self.sweep}\n{what}".encode()).hexdigest()[:24]
+
+
+def find_trial_run(mlflow: "MlflowClient", experiment_id: str, key: str):
+    runs = mlflow.search_runs([experiment_id], f"tags.`{KEY_TAG}` = '{key}'",
+                              order_by=["attributes.start_time ASC"], max_results=1)
+    return runs[0] if runs else None
+
+
+@dataclass
+class TrialRun:
+    """One trial's MLflow run: found or created on open, metrics buffered and deduplicated."""
+
+    mlflow: "MlflowClient"
+    run_id: str
+    status: str
+    last_step: dict[str, int] = field(default_factory=dict)  # metric -> highest step stored
+    _buffer: list = field(default_factory=list)
+    _last_flush: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def open(cls, ctx: TrackingContext, cfg: TrialConfig, trial_id: str) -> "TrialRun":
+        mlflow = client(ctx.tracking_uri)
+        key = ctx.trial_key(cfg, trial_id)
+        found = find_trial_run(mlflow, ctx.experiment_id, key)
+        if found is None:
+            tags = {PARENT_TAG: ctx.parent_run_id, ROLE_TAG: "trial", KEY_TAG: key, "family": cfg.family,
+                    "dataset": cfg.dataset, "sweep": ctx.sweep, "ray_trial_id": trial_id}
+            run = mlflow.create_run(ctx.experiment_id, run_name=cfg.run_name, tags=tags)
+            trial = cls(mlflow, run.info.run_id, "RUNNING")
+            trial._describe(cfg)
+            return trial
+        trial = cls(mlflow, found.info.run_id, found.info.status)
+        if found.info.status == "FINISHED":
+            return trial
+        if not found.data.params:  # died between creating the run and describing it
+            trial._describe(cfg)
+        mlflow.set_tag(trial.run_id, "ray_trial_id", trial_id)
+        if found.info.status != "RUNNING":
+            mlflow.update_run(trial.run_id, status="RUNNING")
+        trial.status = "RUNNING"
+        for metric in found.data.metrics:
+            history = mlflow.get_metric_history(trial.run_id, metric)
+            trial.last_step[metric] = max((m.step for m in history), default=-1)
+        return trial
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "FINISHED"
+
+    def final_metrics(self) -> dict[str, float]:
+        return dict(self.mlflow.get_run(self.run_id).data.metrics)
+
+    def _describe(self, cfg: TrialConfig) -> None:
+        _log_params(self.mlflow, self.run_id, cfg.to_dict())
+        self.mlflow.log_dict(self.run_id, cfg.to_dict(), "config.json")
+
+    # ---------------------------------------------------------------- metrics
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Buffer the values not stored yet for this step; flush when the buffer is large or old."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if step > self.last_step.get(key, -1):
+                self._buffer.append(Metric(key, float(value), now, step))
+                self.last_step[key] = step
+        if len(self._buffer) >= FLUSH_METRICS or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        for start in range(0, len(self._buffer), BATCH_LIMIT):
+            self.mlflow.log_batch(self.run_id, metrics=self._buffer[start:start + BATCH_LIMIT])
+        self._buffer.clear()
+        self._last_flush = time.monotonic()
+
+    # ---------------------------------------------------------------- endings
+    def resumed_at(self, step: int) -> None:
+        self.mlflow.set_tag(self.run_id, RESUMED_TAG, str(step))
+
+    def finish(self, figures_dir: Path | None = None) -> None:
+        self.flush()
+        if figures_dir is not None and any(Path(figures_dir).iterdir()):
+            self.mlflow.log_artifacts(self.run_id, str(figures_dir), "figures")
+        if ERROR_TAG in self.mlflow.get_run(self.run_id).data.tags:  # an earlier attempt failed
+            self.mlflow.delete_tag(self.run_id, ERROR_TAG)
+        self.mlflow.set_terminated(self.run_id, "FINISHED")
+        self.status = "FINISHED"
+
+    def fail(self, error: BaseException | str) -> None:
+        try:
+            self.flush()
+        finally:
+            mark_failed(self.mlflow, self.run_id, error)
+            self.status = "FAILED"
+
+
+def mark_failed(mlflow: "MlflowClient", run_id: str, error: BaseException | str) -> None:
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    mlflow.set_tag(run_id, ERROR_TAG, text[:TAG_VALUE_LIMIT])
+    mlflow.set_terminated(run_id, "FAILED")
+
+
+def _log_params(mlflow: "MlflowClient", run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow's log_batch limit on params per request
+        mlflow.log_batch(run_id, params=items[start:start + 100])
+
