@@ -1,0 +1,175 @@
+"""Real servers for tests, bound to 127.0.0.1: an MLflow tracking server and a Ray head with token auth.
+
+Plain context managers (pytest fixtures wrap them in conftest.py). Each server runs in its own process
+group (``start_new_session=True``) and is stopped by that group id, then any descendant left over is
+killed by pid: nothing else on the machine is touched.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+BIN = Path(sys.executable).parent  # the venv's console scripts (ray, mlflow)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.25, proc=None):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with status {proc.returncode}")
+        time.sleep(interval)
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f} s")
+
+
+def http_status(url: str, headers: dict | None = None, timeout: float = 2.0) -> int | None:
+    """The HTTP status of a GET, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+# ------------------------------------------------------------------------------------- processes
+
+
+def children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def descendants(pid: int) -> list[int]:
+    kids, out, todo = children_map(), [], [pid]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop a process started with start_new_session=True: its group, then any descendant left."""
+    if proc.poll() is None or descendants(proc.pid):
+        left = descendants(proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in left:  # processes that moved to their own group or session
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=grace)
+
+
+# ---------------------------------------------------------------------------------------- MLflow
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, timeout: float = 90.0) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 with a sqlite store and local artifacts under ``folder``; yields its URL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+           "--default-artifact-root", str(folder / "artifacts")]
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: http_status(f"{url}/health") == 200, timeout, "mlflow server", proc=proc)
+        yield url
+    finally:
+        stop_group(proc)
+        log.close()
+
+
+# ------------------------------------------------------------------------------------------- Ray
+
+
+@dataclass
+class RayHead:
+    gcs_address: str  # for ray.init / --address
+    dashboard_url: str  # for `ray job submit --address`
+    env: dict[str, str]  # environment for Ray CLI calls: token auth on
+    proc: subprocess.Popen
+
+
+def auth_token() -> str:
+    """The token Ray's CLI and clients use (``ray get-auth-token --generate`` creates one if missing)."""
+    out = subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], capture_output=True, text=True,
+                         check=True, timeout=60)
+    return out.stdout.strip()
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int = 2, env: dict[str, str] | None = None, timeout: float = 120.0) -> Iterator[RayHead]:
+    """``ray start --head --block`` on 127.0.0.1 with token auth, in its own process group and temp dir
+    (so no other ``ray.init()`` on this machine finds and joins it)."""
+    token = auth_token()
+    env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    temp = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's unix sockets live under it
+    port, dash = free_port(), free_port()
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+           "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--num-cpus", str(num_cpus), "--temp-dir", temp, "--disable-usage-stats"]
+    log = open(Path(temp) / "head.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        wait_for(lambda: http_status(f"{url}/api/jobs/", auth) == 200, timeout, "ray head", proc=proc)
+        gcs = _gcs_address(Path(temp), port)
+        yield RayHead(gcs, url, env, proc)
+    finally:
+        stop_group(proc)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _gcs_address(temp: Path, port: int) -> str:
+    current = temp / "ray_current_cluster"
+    return current.read_text().strip() if current.exists() else f"127.0.0.1:{port}"

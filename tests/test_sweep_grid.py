@@ -1,0 +1,142 @@
+"""The sweep grid and the full_grid.py command line, up to the point where Ray would start.
+
+No Ray here: these check the grid's arithmetic, the presets, the overrides, the dry run, and that every
+bad input is one `error:` line with exit status 2 and no MLflow store written.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import servers
+
+from provlae.config import FAMILIES
+from provlae.errors import ConfigError
+from sweeps import grid
+from sweeps.full_grid import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "sweeps" / "full_grid.py"
+
+
+def script(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "RAY_ADDRESS": ""})
+
+
+# ------------------------------------------------------------------------------------------- grid
+
+
+def test_paper_grid_is_the_papers_study():
+    trials = grid.build_trials("paper")
+    # 2 datasets x (3 families x 8 betas + teacher_student once) x 5 seeds
+    assert len(trials) == 2 * (3 * 8 + 1) * 5 == 250
+    assert len({t.run_name for t in trials}) == 250
+    by_dataset = {d: [t for t in trials if t.dataset == d] for d in ("dsprites", "shapes3d")}
+    for t in by_dataset["dsprites"]:
+        assert (t.z_dim, t.batch_size, t.steps_per_stage) == (2, 128, 30 * (737_280 // 128))
+    for t in by_dataset["shapes3d"]:
+        assert (t.z_dim, t.batch_size, t.steps_per_stage) == (3, 100, 15 * (480_000 // 100))
+    assert {t.beta for t in trials if t.family != "teacher_student"} == set(grid.PAPER_BETAS)
+    assert {t.seed for t in trials} == {0, 1, 2, 3, 4}
+    assert {t.family for t in trials} == set(FAMILIES)
+
+
+def test_teacher_student_is_not_crossed_with_beta():
+    trials = grid.build_trials("smoke", betas=[1.0, 4.0, 16.0], seeds=[0, 1])
+    counts = Counter(t.family for t in trials)
+    assert counts == {"beta_vae": 6, "vlae": 6, "pro_vlae": 6, "teacher_student": 2}
+    assert {t.beta for t in trials if t.family == "teacher_student"} == {1.0}
+    assert sorted(t.run_name for t in trials if t.family == "teacher_student") == [
+        "teacher_student-dsprites-b1-s0", "teacher_student-dsprites-b1-s1"]
+
+
+def test_seeds_are_an_explicit_axis():
+    assert grid.parse_seeds("5") == [0, 1, 2, 3, 4]
+    assert grid.parse_seeds("0,3,7") == [0, 3, 7]
+    assert grid.parse_seeds("7,") == [7]
+    assert grid.parse_seeds("2,2,1") == [2, 1]
+    for bad in ("1.5", "a", "-1,2", "0", ""):
+        with pytest.raises(ConfigError):
+            grid.parse_seeds(bad)
+    trials = grid.build_trials("smoke", families=["vlae"], seeds=[3, 9])
+    assert [t.seed for t in trials] == [3, 9]
+
+
+def test_set_overrides_every_trial_but_not_the_axes():
+    trials = grid.build_trials("smoke", betas=[1.0, 2.0], overrides=["lr=1e-3", "gamma=0.25"])
+    assert all(t.lr == 1e-3 and t.gamma == 0.25 for t in trials)
+    with pytest.raises(ConfigError, match="grid axes"):
+        grid.build_trials("smoke", overrides=["beta=4"])
+    with pytest.raises(ConfigError, match="unknown config key"):
+        grid.build_trials("smoke", overrides=["nope=1"])
+
+
+def test_steps_per_stage_follow_epochs_unless_set():
+    sub = grid.build_trials("paper", datasets=["dsprites"], families=["vlae"], betas=[1.0], seeds=[0],
+                            overrides={"subset": "12800"})
+    assert sub[0].steps_per_stage == 30 * 100
+    fixed = grid.build_trials("paper", datasets=["dsprites"], families=["vlae"], betas=[1.0], seeds=[0],
+                              overrides={"subset": "12800", "steps_per_stage": "7"})
+    assert fixed[0].steps_per_stage == 7
+
+
+def test_presets_scale():
+    assert len(grid.build_trials("smoke")) == 4
+    demo = grid.build_trials("demo")
+    assert {t.family for t in demo} == set(FAMILIES) and {t.dataset for t in demo} == {"dsprites"}
+    assert all(t.subset <= 5000 and t.total_steps <= 1000 for t in demo)
+
+
+# ------------------------------------------------------------------------------------ the command
+
+
+def test_dry_run_prints_one_line_per_trial(capsys):
+    assert main(["--preset", "smoke", "--betas", "1,4", "--seeds", "0,5", "--set", "lr=2e-3",
+                 "--gpus-per-trial", "0.25", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "trials: 14"  # (3 x 2 + 1) x 2
+    assert len(lines) == 15
+    assert all("device=cuda" in line for line in lines[:-1])
+    assert any(line.startswith("teacher_student-dsprites-b1-s5 ") for line in lines)
+
+
+def test_dry_run_of_the_real_script():
+    out = script("--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "trials: 250"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--families", "vlae,nope"], "unknown family 'nope'"),
+    (["--betas", "1,-2"], "beta must be a finite number > 0"),
+    (["--betas", "0"], "beta must be a finite number > 0"),
+    (["--seeds", "0,1.5"], "seed must be an integer"),
+    (["--set", "nope=1"], "unknown config key"),
+    (["--set", "lr=abc"], "lr must be a float"),
+    (["--name", "a/b"], "--name"),
+])
+def test_bad_input_is_one_error_line_and_status_2(tmp_path, args, message):
+    db = tmp_path / "mlflow.db"
+    out = script("--preset", "smoke", "--tracking-uri", f"sqlite:///{db}", "--storage", str(tmp_path / "ray"),
+                 *args)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line
+    assert out.stderr.startswith("error: ") and message in out.stderr
+    assert not db.exists() and not (tmp_path / "ray").exists()  # no MLflow store, no sweep folder
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path):
+    port = servers.free_port()  # nothing listens there
+    start = time.monotonic()
+    out = script("--preset", "smoke", "--tracking-uri", f"http://127.0.0.1:{port}",
+                 "--storage", str(tmp_path / "ray"))
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"error: tracking server http://127.0.0.1:{port} is not reachable")
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "ray").exists()  # stopped before the sweep folder and Ray
