@@ -51,10 +51,10 @@ elif cmd == "port-open":                    # exit 0 if something accepts connec
     except OSError:
         sys.exit(1)
 elif cmd == "http-code":                    # HTTP status of a GET (0 if nothing answers)
-    req = urllib.request.Request(args[0])
-    if len(args) > 1:
-        req.add_header("Authorization", "Bearer " + open(args[1]).read().strip())
     try:
+        req = urllib.request.Request(args[0])
+        if len(args) > 1:
+            req.add_header("Authorization", "Bearer " + open(args[1]).read().strip())
         print(urllib.request.urlopen(req, timeout=3).status)
     except urllib.error.HTTPError as e:
         print(e.code)
@@ -94,7 +94,7 @@ leader_is_ours() {  # name
     local pid_file="$STATE/$1.pid" pid
     [[ -f $pid_file ]] || return 1
     pid=$(<"$pid_file")
-    alive "$pid" && [[ "$(started_at "$pid")" == "$(<"$STATE/$1.started")" ]]
+    alive "$pid" && [[ "$(started_at "$pid")" == "$(cat "$STATE/$1.started" 2>/dev/null)" ]]
 }
 
 # SIGTERM to the leader's process group and to every process of its session tree; after STOP_TIMEOUT,
@@ -191,7 +191,7 @@ spawn() {  # name log cmd...  -- new session (setsid), all fds away from the cal
 
 ray_env() { env "${RAY_ENV[@]}" "$@"; }
 
-check_port_free() {  # port what
+check_port_free() {  # port, what it is for, the PROVLAE_*_PORT that sets it
     if pyhelp port-open "$1"; then
         die "port $1 ($2) is already in use on $HOST; choose another with PROVLAE_${3}_PORT"
     fi
