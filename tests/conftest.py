@@ -48,3 +48,47 @@ def local_ray(provlae_home):
             os.environ.pop("PROVLAE_HOME", None)
         else:
             os.environ["PROVLAE_HOME"] = before
+
+
+@pytest.fixture
+def check_sweep_runs():
+    """A checker of the MLflow contract (DESIGN §3.3) for one sweep: returns {run name: run}."""
+    return _check_sweep_runs
+
+
+def _check_sweep_runs(tracking_uri: str, experiment: str, sweep: str, configs: dict, failed=()) -> dict:
+    """``configs``: run name -> TrialConfig of every trial; ``failed``: the run names expected to fail."""
+    from mlflow import MlflowClient
+
+    from provlae.config import TrialConfig
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.sweep = '{sweep}'", max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("provlae.role") == "sweep"]
+    assert len(parents) == 1, f"{len(parents)} parent runs for sweep {sweep}"
+    children = [r for r in runs if r.data.tags.get("provlae.role") == "trial"]
+    names = sorted(r.info.run_name for r in children)
+    assert names == sorted(configs), f"one run per trial expected, got {names}"
+    fields = set(TrialConfig.__dataclass_fields__)
+    for run in children:
+        cfg, tags = configs[run.info.run_name], run.data.tags
+        assert tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert (tags["family"], tags["dataset"], tags["sweep"]) == (cfg.family, cfg.dataset, sweep)
+        assert tags["ray_trial_id"]
+        assert set(run.data.params) == fields
+        assert run.data.params == {k: str(v) for k, v in cfg.to_dict().items()}
+        for key in run.data.metrics:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert len(steps) == len(set(steps)), f"{run.info.run_name}: {key} logged twice at a step"
+        if run.info.run_name in failed:
+            assert run.info.status == "FAILED" and tags.get("error"), run.info.run_name
+            continue
+        assert run.info.status == "FINISHED", (run.info.run_name, run.info.status, tags.get("error"))
+        assert "error" not in tags
+        assert {"mig", "mig_sup", "factor_score", "recon_error", "loss"} <= set(run.data.metrics)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "config.json" in artifacts
+        figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
+        assert figures and all(p.endswith(".png") for p in figures)
+    return {r.info.run_name: r for r in children}

@@ -1,0 +1,196 @@
+"""Sweeps through Ray Tune on an in-process local Ray (2 CPUs), tracked in a sqlite MLflow store.
+
+One Ray for the module. Each test runs its own sweep (own name and experiment) in one shared store:
+the smoke grid and its re-run, a diverging cell, a worker SIGKILLed mid-stage, a driver SIGKILLed
+between trials.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import servers
+
+from sweeps import grid
+from sweeps.full_grid import main
+from sweeps.tracking import RESUMED_TAG, TrackingContext
+from sweeps.trainable import train_trial
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sweeps")
+
+
+def sweep_args(store: Path, name: str, *extra: str) -> list[str]:
+    return ["--preset", "smoke", "--name", name, "--experiment", name,
+            "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}", "--storage", str(store / "ray"), *extra]
+
+
+def trials(overrides: dict | None = None, **axes) -> dict:
+    """run name -> config of the smoke trials, as full_grid.py resolves them on a CPU-only sweep."""
+    overrides = {"device": "cpu", **(overrides or {})}
+    return {c.run_name: c for c in grid.build_trials("smoke", overrides=overrides, **axes)}
+
+
+def client(store: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+
+
+def history(store: Path, run_id: str, key: str) -> list[int]:
+    return [m.step for m in client(store).get_metric_history(run_id, key)]
+
+
+def test_trainable_pickles(local_ray):
+    from ray import cloudpickle, tune
+
+    assert pickle.loads(pickle.dumps(train_trial)) is train_trial
+    ctx = TrackingContext("sqlite:////tmp/x.db", "1", "sweep", "parent")
+    assert pickle.loads(pickle.dumps(ctx)) == ctx
+    wrapped = tune.with_parameters(train_trial, tracking=ctx, threads=1)
+    assert callable(cloudpickle.loads(cloudpickle.dumps(wrapped)))
+
+
+def test_smoke_sweep_tracks_one_run_per_trial(local_ray, store, capsys, check_sweep_runs):
+    args = sweep_args(store, "smoke")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    expected = trials()
+    for name in expected:
+        assert f"\n{name} " in out and "FINISHED" in out
+    assert "mlflow ui --backend-store-uri sqlite:///" in out
+    runs = check_sweep_runs(f"sqlite:///{store / 'mlflow.db'}", "smoke", "smoke", expected)
+    pro = runs["pro_vlae-dsprites-b1-s0"]
+    assert history(store, pro.info.run_id, "loss") == [5, 10, 15, 20, 25, 30]  # every log_every steps
+    assert history(store, pro.info.run_id, "mig") == [10, 20, 30]  # every stage end
+    assert pro.data.params["family"] == "pro_vlae" and pro.data.params["subset"] == "1000"
+
+    # The same command again: the finished sweep is restored, nothing runs or logs twice.
+    assert main(args) == 0
+    assert "resuming sweep 'smoke'" in capsys.readouterr().out
+    again = check_sweep_runs(f"sqlite:///{store / 'mlflow.db'}", "smoke", "smoke", expected)
+    for name, run in runs.items():
+        assert again[name].info.run_id == run.info.run_id
+        assert again[name].info.end_time == run.info.end_time
+        assert history(store, run.info.run_id, "loss") == [5, 10, 15, 20, 25, 30]
+
+
+def test_diverging_cell_fails_alone(local_ray, store, capsys, check_sweep_runs):
+    # beta = 1e39 is finite in the config (float64) but inf in the float32 loss: NaN/Inf at step 1.
+    args = sweep_args(store, "nan", "--families", "beta_vae", "--betas", "1,1e39", "--max-failures", "0")
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "1 of 2 trial(s) failed" in out and "TrainingDiverged" in out
+    bad = "beta_vae-dsprites-b1e+39-s0"
+    runs = check_sweep_runs(f"sqlite:///{store / 'mlflow.db'}", "nan", "nan",
+                            trials(families=["beta_vae"], betas=[1.0, 1e39]), failed={bad})
+    assert runs[bad].data.tags["error"].startswith("TrainingDiverged: loss became")
+    parent = client(store).search_runs([runs[bad].info.experiment_id], "tags.`provlae.role` = 'sweep'")[0]
+    assert parent.info.status == "FAILED"
+
+
+def test_killed_worker_resumes_into_the_same_run(local_ray, store, check_sweep_runs):
+    """SIGKILL the trial's worker once a mid-stage checkpoint is in: the retry restores it and ends with
+    one run, every step once, and the numbers of an uninterrupted run."""
+    import torch
+
+    from provlae.train import Trainer
+
+    extra = ["--families", "pro_vlae", "--set", "steps_per_stage=20", "--set", "checkpoint_every=5"]
+    expected = trials({"steps_per_stage": "20", "checkpoint_every": "5"}, families=["pro_vlae"])
+    killed: list[int] = []
+    thread = threading.Thread(target=_kill_worker_after_step, args=(store, "fault", 10, killed), daemon=True)
+    thread.start()
+    assert main(sweep_args(store, "fault", *extra)) == 0
+    thread.join(timeout=5)
+    assert killed, "the worker was never killed"
+
+    (name, cfg), = expected.items()
+    run = check_sweep_runs(f"sqlite:///{store / 'mlflow.db'}", "fault", "fault", expected)[name]
+    resumed = int(run.data.tags[RESUMED_TAG])
+    assert 0 < resumed < cfg.total_steps and resumed % cfg.stage_steps != 0  # mid-stage
+    assert history(store, run.info.run_id, "loss") == list(range(5, cfg.total_steps + 1, 5))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the trial
+    try:
+        reference = Trainer(cfg).run()
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("mig", "mig_sup", "factor_score", "recon_error", "loss"):
+        assert run.data.metrics[key] == reference[key], key
+
+
+def _kill_worker_after_step(store: Path, sweep: str, step: int, killed: list[int]) -> None:
+    """Once the trial has logged ``step`` (so Tune holds a checkpoint before it), SIGKILL its worker."""
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        exp = mlflow.get_experiment_by_name(sweep)
+        runs = mlflow.search_runs([exp.experiment_id], "tags.`provlae.role` = 'trial'") if exp else []
+        if runs and max((m.step for m in mlflow.get_metric_history(runs[0].info.run_id, "loss")),
+                        default=0) >= step:
+            workers = [p for p in servers.descendants(os.getpid())
+                       if servers.cmdline(p).startswith("ray::ImplicitFunc")]
+            if workers:
+                os.kill(workers[0], signal.SIGKILL)
+                killed.append(workers[0])
+                return
+        time.sleep(0.1)
+
+
+def test_killed_driver_resumes_without_rerunning_finished_trials(local_ray, store, check_sweep_runs):
+    """SIGKILL the sweep's driver after its first trial finished; the same command finishes the rest."""
+    families = ["beta_vae", "vlae"]
+    cmd = [sys.executable, "sweeps/full_grid.py", *sweep_args(store, "driver"), "--families", ",".join(families),
+           "--max-concurrent", "1", "--address", local_ray]
+    folder = store / "ray" / "driver"
+    with open(store / "driver-1.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            servers.wait_for(lambda: _terminated(folder), 240, "a finished trial in the saved sweep state",
+                             proc=proc)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    done = _terminated(folder)
+    lines = {d: _result_lines(folder / d) for d in done}
+
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resuming sweep 'driver'" in rerun.stdout
+    for d, n in lines.items():  # Tune did not run the finished trials again
+        assert _result_lines(folder / d) == n, d
+    check_sweep_runs(f"sqlite:///{store / 'mlflow.db'}", "driver", "driver", trials(families=families))
+
+
+def _terminated(folder: Path) -> list[str]:
+    """Trial folders that Tune's saved experiment state records as TERMINATED."""
+    states = sorted(folder.glob("experiment_state-*.json"))
+    if not states:
+        return []
+    try:
+        data = json.loads(states[-1].read_text())
+    except ValueError:  # being written
+        return []
+    trials = [json.loads(t[0]) for t in data["trial_data"]]
+    return [t["custom_dirname"] for t in trials if t["status"] == "TERMINATED"]
+
+
+def _result_lines(trial_dir: Path) -> int:
+    return len((trial_dir / "result.json").read_text().splitlines())
