@@ -1,7 +1,8 @@
 """A tiny throttled progress line on stderr: items done, rate, ETA.
 
-Silent unless stderr is a terminal or ``force=True``, so logs of batch jobs stay clean. On a terminal
-the line rewrites itself in place; when forced onto a file or pipe each update is its own line.
+Shown when stderr is a terminal (``show=None``, the default) or when ``show=True``; ``show=False``
+silences it. Logs of batch jobs thus stay clean. On a terminal the line rewrites itself in place; on a
+file or pipe each update is its own line.
 
     with Progress(total=n, label="dsprites") as bar:
         for chunk in chunks:
@@ -22,11 +23,11 @@ def _clock(seconds: float) -> str:
 
 class Progress:
     def __init__(self, total: int, label: str = "", unit: str = "rows", *, stream: TextIO | None = None,
-                 force: bool = False, interval: float = 0.5):
+                 show: bool | None = None, interval: float = 0.5):
         self.total, self.label, self.unit = int(total), label, unit
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.enabled = force or self.tty
+        self.enabled = self.tty if show is None else bool(show)
         self.interval = interval
         self.done = 0
         self.start = time.monotonic()

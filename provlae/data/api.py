@@ -19,8 +19,8 @@ def load(name: str, path: str | os.PathLike | None = None, subset: int | None = 
     """Dataset ``name`` from the user's file at ``path``, or procedurally generated when ``path`` is None.
 
     ``subset=n`` keeps the sorted rows ``default_rng(seed).choice(N, n, replace=False)``. Full datasets
-    come memory-mapped from the node's cache (built once); subsets are in memory. ``options`` are
-    per-dataset loader options (e.g. ``size=64`` for mnist).
+    and procedural subsets come memory-mapped from the node's cache (built once per node); subsets of a
+    user's file are copied into memory. ``options`` are per-dataset loader options (``size=64`` for mnist).
     """
     spec = get_spec(name)
     options = spec.resolve_options(options)
@@ -47,9 +47,8 @@ def _procedural(spec: ProceduralSpec, subset: int | None, seed: int) -> Dataset:
 
     def build(directory: Path) -> None:
         classes = grid_classes(sizes, rows)
-        h, w, c = spec.render_nhwc(classes[:1]).shape[1:]
         with Progress(len(rows), label=f"generating {spec.name}") as bar:
-            write_npy_chunks(directory / "images.npy", (len(rows), h, w, c), np.uint8,
+            write_npy_chunks(directory / "images.npy", (len(rows), *spec.image_hwc), np.uint8,
                              _rendered(spec, classes, spec.chunk, bar))
         write_npy_chunks(directory / "factors.npy", classes.shape, np.int64, [classes])
 
@@ -94,8 +93,7 @@ def generate(name: str, out_path: str | os.PathLike, *, chunk: int | None = None
             yield cls, full, spec.render_nhwc(full)
             bar.update(stop - start)
 
-    with Progress(n, label=f"generating {spec.name}", force=bool(progress)) as bar:
-        bar.enabled = bar.enabled and progress is not False
+    with Progress(n, label=f"generating {spec.name}", show=progress) as bar:
         with atomic_path(out) as tmp:
             spec.write(tmp, sizes, chunks(), compress)
     return out

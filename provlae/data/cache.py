@@ -60,16 +60,24 @@ def cached_arrays(dataset: str, parts: dict, names: tuple[str, ...],
     and may return a dict of facts (e.g. factor sizes read from a source file) kept in the manifest.
     """
     directory = entry_dir(dataset, parts)
-    if not (directory / MANIFEST).exists():
-        with locked(directory):
-            if not (directory / MANIFEST).exists():  # another process may have built it meanwhile
-                remove_stale_tmp(directory)
-                info = build(directory) or {}
-                manifest = {"dataset": dataset, "arrays": list(names), "parts": parts, "info": info}
-                with atomic_path(directory / MANIFEST) as tmp:
-                    tmp.write_text(json.dumps(manifest, indent=1, default=str))
-    manifest = json.loads((directory / MANIFEST).read_text())
-    return open_entry(directory, names), manifest["info"]
+    for attempt in range(2):
+        if not (directory / MANIFEST).exists():
+            with locked(directory):
+                if not (directory / MANIFEST).exists():  # another process may have built it meanwhile
+                    remove_stale_tmp(directory)
+                    info = build(directory) or {}
+                    manifest = {"dataset": dataset, "arrays": list(names), "parts": parts, "info": info}
+                    with atomic_path(directory / MANIFEST) as tmp:
+                        tmp.write_text(json.dumps(manifest, indent=1, default=str))
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+            return open_entry(directory, names), manifest["info"]
+        except (OSError, ValueError, KeyError):  # damaged by hand (file deleted, edited): rebuild once
+            if attempt:
+                raise
+            with locked(directory):
+                (directory / MANIFEST).unlink(missing_ok=True)
+    raise AssertionError("unreachable")
 
 
 def entry_exists(dataset: str, parts: dict) -> bool:

@@ -96,6 +96,7 @@ class DSprites(ProceduralSpec):
     factor_names = ("shape", "scale", "orientation", "posX", "posY")
     factor_sizes = (3, 6, 40, 32, 32)
     pixel_scale = 1.0
+    image_hwc = (SIZE, SIZE, 1)
     chunk = 8192
     default_filename = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
     path_hint = "the dSprites .npz (imgs, latents_classes, latents_values, metadata)"

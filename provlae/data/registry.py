@@ -110,6 +110,8 @@ def subset_indices(n_full: int, subset: int | None, seed: int) -> np.ndarray | N
         raise ConfigError(f"subset: got {subset!r}, expected an integer number of images or None")
     if not 0 < subset <= n_full:
         raise ConfigError(f"subset: got {subset}, expected 1 <= subset <= {n_full} (the dataset size)")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ConfigError(f"seed: got {seed!r}, expected an integer (it picks the subset's rows)")
     return np.sort(np.random.default_rng(seed).choice(n_full, int(subset), replace=False))
 
 
@@ -156,6 +158,7 @@ class ProceduralSpec(DatasetSpec):
     version: ClassVar[str] = ""  # bump whenever rendered pixels change: it keys the cache
     factor_names: ClassVar[tuple[str, ...]] = ()
     factor_sizes: ClassVar[tuple[int, ...]] = ()
+    image_hwc: ClassVar[tuple[int, int, int]] = (64, 64, 1)  # rendered image (H, W, C)
     chunk: ClassVar[int] = 4096  # rows rendered at once
     default_filename: ClassVar[str] = ""  # the real file's name, used when generating into a directory
 

@@ -218,6 +218,7 @@ class Shapes3D(ProceduralSpec):
     factor_names = ("floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation")
     factor_sizes = (10, 10, 10, 8, 4, 15)
     pixel_scale = 1 / 255
+    image_hwc = (SIZE, SIZE, 3)
     chunk = 2400  # rows per chunk (5 floor/wall/object-hue blocks of the 480 geometries)
     default_filename = "3dshapes.h5"
     path_hint = "3dshapes.h5 (HDF5 with 'images' (N, 64, 64, 3) uint8 and 'labels' (N, 6) float64)"
