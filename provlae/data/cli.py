@@ -1,4 +1,4 @@
-"""``data`` subcommands of the main CLI:
+"""Subcommands of the main CLI's ``data`` command:
 
     python -m provlae data generate {dsprites,shapes3d} --out PATH [--chunk N] [--compress]
     python -m provlae data check PATH [--dataset NAME]
@@ -15,25 +15,25 @@ from provlae.data.registry import DATASETS, ProceduralSpec
 
 
 def add_subcommands(subparsers) -> None:
-    """Add ``data generate`` and ``data check`` to an argparse subparsers object."""
-    data = subparsers.add_parser("data", help="generate or check datasets")
-    sub = data.add_subparsers(dest="data_command", required=True)
+    """Add ``generate`` and ``check`` to the subparsers object of the ``data`` command.
 
+    Each parser's ``func`` default is its handler: ``args.func(args)`` returns the exit status.
+    """
     procedural = sorted(n for n, s in DATASETS.items() if isinstance(s, ProceduralSpec))
-    gen = sub.add_parser("generate", help="write a procedural dataset in the real file format")
+    gen = subparsers.add_parser("generate", help="write a procedural dataset in the real file format")
     gen.add_argument("dataset", choices=procedural)
     gen.add_argument("--out", required=True, help="output file, or a directory for the real file name")
     gen.add_argument("--chunk", type=int, default=None, help="rows rendered per chunk")
     gen.add_argument("--compress", action="store_true", help="deflate (npz) / gzip (h5) the images")
     gen.add_argument("--factor-sizes", type=_sizes, default=None, metavar="N,N,...",
                      help="a reduced grid (evenly spaced classes per factor), for small test files")
-    gen.set_defaults(handler=_generate)
+    gen.set_defaults(func=_generate)
 
-    check = sub.add_parser("check", help="validate a dataset file and describe it")
+    check = subparsers.add_parser("check", help="validate a dataset file and describe it")
     check.add_argument("path")
     check.add_argument("--dataset", choices=sorted(DATASETS), default=None,
                        help="dataset name (default: recognised from the file)")
-    check.set_defaults(handler=_check)
+    check.set_defaults(func=_check)
 
 
 def _sizes(text: str) -> tuple[int, ...]:
