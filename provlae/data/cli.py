@@ -47,7 +47,9 @@ def _generate(args: argparse.Namespace) -> int:
     start = time.monotonic()
     out = generate(args.dataset, args.out, chunk=args.chunk, factor_sizes=args.factor_sizes,
                    compress=args.compress)
-    print(f"wrote {out} ({out.stat().st_size / 1e9:.2f} GB) in {time.monotonic() - start:.1f} s")
+    size = out.stat().st_size
+    shown = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    print(f"wrote {out} ({shown}) in {time.monotonic() - start:.1f} s")
     return 0
 
 
