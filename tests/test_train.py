@@ -1,0 +1,177 @@
+"""The trainer and `python -m provlae train`: determinism, resume equality, divergence, bad input."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from provlae.config import TrialConfig
+from provlae.errors import ConfigError, TrainingDiverged
+from provlae.train import Event, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(dataset="dsprites", subset=600, steps_per_stage=8, batch_size=16, log_every=4, fade_in_steps=4,
+            mi_samples=200, factor_train_votes=60, factor_eval_votes=40)
+
+
+def tiny(**kw) -> TrialConfig:
+    return TrialConfig.from_dict({**TINY, **kw})
+
+
+def cli(args, env_home, timeout=240):
+    env = {**os.environ, "PROVLAE_HOME": str(env_home)}
+    return subprocess.run([sys.executable, "-m", "provlae", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def sets(d: dict) -> list[str]:
+    return [a for k, v in d.items() for a in ("--set", f"{k}={v}")]
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("PROVLAE_HOME", str(tmp_path_factory.getbasetemp() / "home"))
+
+
+@pytest.mark.parametrize("family", ["beta_vae", "vlae", "pro_vlae", "teacher_student"])
+def test_each_family_trains_reports_and_is_deterministic(family):
+    cfg = tiny(family=family, checkpoint_every=3)
+    events: list[Event] = []
+    m1 = Trainer(cfg).run(events.append)
+    kinds = [e.kind for e in events]
+    assert kinds[-1] == "end" and kinds.count("stage_end") == cfg.num_stages
+    assert "checkpoint" in kinds
+    steps = [e.step for e in events if e.kind == "step"]
+    assert steps == sorted(set(steps)) and steps[-1] == cfg.total_steps
+    for key in ("recon_error", "mig", "mig_sup", "factor_score", "mi_total", "loss", "active_units"):
+        assert math.isfinite(m1[key]), key
+    assert any(k.startswith("kl_z") for k in m1) and any(k.startswith("mi_z") for k in m1)
+    m2 = Trainer(cfg).run()
+    assert m1 == m2  # same seed, same numbers
+    m3 = Trainer(tiny(family=family, seed=1)).run()
+    assert m3["loss"] != m1["loss"]
+
+
+def test_pro_vlae_reports_alpha_and_stages():
+    cfg = tiny(family="pro_vlae", log_every=1)
+    events = []
+    Trainer(cfg).run(events.append)
+    steps = [e for e in events if e.kind == "step"]
+    stage1 = [e.metrics["alpha"] for e in steps if e.stage == 1]
+    assert stage1[0] == pytest.approx(0.0) and stage1[-1] == pytest.approx(1.0)
+    assert sorted({e.stage for e in steps}) == [0, 1, 2]
+    # each stage end evaluates only the levels in use so far: z3, then z2..z3, then all
+    ends = [e.metrics for e in events if e.kind == "stage_end"]
+    assert [sorted(k for k in m if k.startswith("mi_z")) for m in ends] == [
+        ["mi_z3"], ["mi_z2", "mi_z3"], ["mi_z1", "mi_z2", "mi_z3"]]
+
+
+@pytest.mark.parametrize("family", ["pro_vlae", "teacher_student"])
+def test_resume_mid_stage_is_bitwise_identical(family, tmp_path):
+    cfg = tiny(family=family, checkpoint_every=5)
+    full = Trainer(cfg).run()
+
+    class Killed(Exception):
+        pass
+
+    first = Trainer(cfg)
+
+    def stop_at_12(event):
+        if event.kind == "checkpoint" and event.step == 10:  # mid stage 1
+            first.save_checkpoint(tmp_path / "c.pt")
+        if event.step == 12:
+            raise Killed
+
+    with pytest.raises(Killed):
+        first.run(stop_at_12)
+    resumed = Trainer(cfg)
+    resumed.load_checkpoint(tmp_path / "c.pt")
+    assert resumed.step == 10 and resumed.stage == 1
+    assert resumed.run() == full
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    t = Trainer(tiny())
+    t.save_checkpoint(tmp_path / "c.pt")
+    with pytest.raises(ConfigError, match="differs in: beta"):
+        Trainer(tiny(beta=2)).load_checkpoint(tmp_path / "c.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # atomic write leaves no temp file
+
+
+def test_divergence_raises_a_clear_error():
+    with pytest.raises(TrainingDiverged, match="loss became"):
+        Trainer(tiny(family="vlae", lr=1e30, steps_per_stage=30)).run()
+
+
+def test_shapes3d_trains():
+    m = Trainer(tiny(dataset="shapes3d", family="vlae", z_dim=3, steps_per_stage=3)).run()
+    assert math.isfinite(m["recon_error"]) and m["recon_error"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_writes_result_and_figures(tmp_path):
+    out = tmp_path / "run"
+    r = cli(["train", *sets({**TINY, "family": "pro_vlae"}), "--out", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["config"]["family"] == "pro_vlae" and result["config"]["subset"] == 600
+    assert {"recon_error", "mig", "mig_sup", "factor_score", "mi_z1", "mi_total", "loss"} <= set(result["metrics"])
+    assert "run_s" in result["timing"] and "run_s" not in result["metrics"]
+    assert [s["stage"] for s in result["stages"]] == [0, 1, 2]
+    names = {p.name for p in (out / "figures").iterdir()}
+    assert {"traversal_z1.png", "traversal_z3.png", "prior_z2.png", "information_per_stage.png"} <= names
+    assert all((out / "figures" / n).stat().st_size > 2000 for n in names)
+    assert "stage 2" in r.stderr and "img/s" in r.stderr and "ETA" in r.stderr
+
+
+def test_cli_resumes_after_sigkill_with_identical_metrics(tmp_path):
+    args = sets({**TINY, "family": "pro_vlae", "steps_per_stage": 40, "checkpoint_every": 7, "log_every": 1})
+    ref = cli(["train", *args, "--out", str(tmp_path / "ref")], tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    env = {**os.environ, "PROVLAE_HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "provlae", "train", *args, "--out", str(out)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "result.json").exists()
+    again = cli(["train", *args, "--out", str(out)], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr
+    assert (json.loads((out / "result.json").read_text())["metrics"]
+            == json.loads((tmp_path / "ref" / "result.json").read_text())["metrics"])
+
+
+def _write_corrupt_npz(path: Path) -> Path:
+    np.savez(path, imgs=np.zeros((4, 64, 64), np.float32))  # wrong dtype, missing keys
+    return path
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"family": "bogus"}, "unknown family 'bogus'"),
+    ({"beta": "-1"}, "beta must be"),
+    ({"betta": "2"}, "unknown config key(s): betta"),
+    ({"seed": "1.5"}, "seed must be an integer"),
+    ({"data_path": "/nonexistent/dsprites.npz"}, "data_path does not exist"),
+    ({"data_path": "CORRUPT"}, "missing key"),
+])
+def test_cli_refuses_bad_input(tmp_path, bad, message):
+    if bad.get("data_path") == "CORRUPT":
+        bad = {"data_path": str(_write_corrupt_npz(tmp_path / "bad.npz"))}
+    out = tmp_path / "run"
+    r = cli(["train", *sets({**TINY, **bad}), "--out", str(out)], tmp_path, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
