@@ -51,7 +51,7 @@ class TrialConfig:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "TrialConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> TrialConfig:
         """Validated config from a dict whose values may be strings (CLI, MLflow params)."""
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(raw) - set(known))
@@ -63,7 +63,7 @@ class TrialConfig:
         return cfg
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TrialConfig":
+    def from_file(cls, path: str | Path) -> TrialConfig:
         path = Path(path)
         try:
             raw = json.loads(path.read_text()) if path.suffix == ".json" else _load_yaml(path)
@@ -75,7 +75,7 @@ class TrialConfig:
             raise ConfigError(f"config file {path} must hold a mapping of key: value")
         return cls.from_dict(raw)
 
-    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> "TrialConfig":
+    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> TrialConfig:
         """A new validated config; overrides is a dict or a list of 'key=value' strings."""
         if not isinstance(overrides, dict):
             overrides = parse_assignments(overrides)

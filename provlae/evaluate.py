@@ -44,11 +44,12 @@ def columns_in_use(family: Family, stage: int) -> list[tuple[int, list[int]]]:
 
 
 @torch.no_grad()
-def encode(model: LadderVAE, family: Family, stage: int, images: torch.Tensor, scale: float,
+def encode(model: LadderVAE, family: Family, stage: int, t: int, images: torch.Tensor, scale: float,
            index: torch.Tensor, device, seed: int, batch_size: int = 512) -> Encoding:
+    """Encode `index` rows with the model as trained so far: stage `stage`, `t` steps into it (alpha)."""
     was_training = model.training
     model.eval()
-    gates = family.gates(stage, 10**9, device)  # evaluate with the stage's fade-in completed
+    gates = family.gates(stage, t, device)
     cols = columns_in_use(family, stage)
     gen = torch.Generator(device=device).manual_seed(seed)
     mus, logvars, zs, nll, kls = [], [], [], 0.0, {l: 0.0 for l, _ in cols}

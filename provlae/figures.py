@@ -7,12 +7,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-from provlae.evaluate import batches_to_float, columns_in_use  # noqa: E402
-from provlae.models import Family, LadderVAE  # noqa: E402
+from provlae.evaluate import batches_to_float, columns_in_use
+from provlae.models import Family, LadderVAE
 
 TRAVERSAL = np.linspace(-2.5, 2.5, 9)
 
@@ -46,13 +46,13 @@ def _save(mosaic: np.ndarray, title: str, path: Path, ylabels: list[str] | None 
 
 
 @torch.no_grad()
-def model_figures(model: LadderVAE, family: Family, stage: int, images: torch.Tensor, scale: float,
+def model_figures(model: LadderVAE, family: Family, stage: int, t: int, images: torch.Tensor, scale: float,
                   device, out_dir: Path, seed: int = 0) -> list[Path]:
     """Latent traversals (-2.5..2.5, 9 steps) and prior samples for every level in use."""
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
-    gates = family.gates(stage, 10**9, device)
+    gates = family.gates(stage, t, device)  # alpha as trained, t steps into the stage
     gen = torch.Generator(device="cpu").manual_seed(seed)
     idx = torch.randperm(images.shape[0], generator=gen)[:6]
     x = batches_to_float(images, idx, scale, device)

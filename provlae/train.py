@@ -15,9 +15,9 @@ import random
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -123,7 +123,7 @@ class Trainer:
 
     def _train_step(self) -> dict[str, torch.Tensor | float]:
         x = batches_to_float(self.images, self._next_indices(), self.data.pixel_scale, self.device)
-        t = self.step - self.stage * self.cfg.stage_steps
+        t = self.steps_into_stage
         out = self.family.loss(self.model, x, self.stage, t)
         if not torch.isfinite(out.loss):
             raise TrainingDiverged(f"loss became {out.loss.item()} at step {self.step + 1} (stage {self.stage}) "
@@ -137,6 +137,10 @@ class Trainer:
         terms["stage"] = float(self.stage)
         return terms
 
+    @property
+    def steps_into_stage(self) -> int:
+        return self.step - max(self.stage, 0) * self.cfg.stage_steps
+
     # ------------------------------------------------------------------ evaluation
     def eval_index(self) -> torch.Tensor:
         n = self.images.shape[0]
@@ -147,8 +151,9 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         cfg, index = self.cfg, self.eval_index()
-        enc = encode(self.model, self.family, self.stage, self.images, self.data.pixel_scale,
-                     index.to(self.images.device), self.device, seed=cfg.seed + 1000 * self.stage)
+        enc = encode(self.model, self.family, self.stage, self.steps_into_stage, self.images,
+                     self.data.pixel_scale, index.to(self.images.device), self.device,
+                     seed=cfg.seed + 1000 * self.stage)
         factors = np.asarray(self.data.factors)[index.numpy()]
         exclude = () if cfg.include_shape or cfg.dataset != "dsprites" else (0,)
         return disentanglement(enc, factors, tuple(self.data.factor_sizes), exclude_factors=exclude,
@@ -164,8 +169,8 @@ class Trainer:
     def write_figures(self, out_dir: str | Path) -> list[Path]:
         out_dir = Path(out_dir)
         stage = max(self.stage, 0)
-        paths = model_figures(self.model, self.family, stage, self.images, self.data.pixel_scale, self.device,
-                              out_dir, seed=self.cfg.seed)
+        paths = model_figures(self.model, self.family, stage, self.steps_into_stage, self.images,
+                              self.data.pixel_scale, self.device, out_dir, seed=self.cfg.seed)
         mi = information_per_stage(self.history, self.cfg.levels, out_dir / "information_per_stage.png")
         return paths + ([mi] if mi else [])
 

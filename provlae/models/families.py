@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from provlae.config import TrialConfig
 from provlae.models.ladder import Gates, LadderOutput, LadderVAE
 
-FAMILIES: dict[str, type["Family"]] = {}
+FAMILIES: dict[str, type[Family]] = {}
 
 
 def register(name: str):
@@ -27,7 +27,7 @@ def register(name: str):
     return wrap
 
 
-def build_family(cfg: TrialConfig) -> "Family":
+def build_family(cfg: TrialConfig) -> Family:
     return FAMILIES[cfg.family](cfg)
 
 
