@@ -30,8 +30,9 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
                                        "(default: derived from the preset)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a "
                                                "sqlite file under the user data directory)")
-    parser.add_argument("--storage", type=Path, help="Ray Tune results and checkpoints "
-                                                     "(default: <user data dir>/ray_results)")
+    parser.add_argument("--storage", help="Ray Tune results and checkpoints: a folder every node can reach, "
+                                          "or a URI such as s3://bucket/path (default: <user data dir>/"
+                                          "ray_results)")
     parser.add_argument("--max-failures", type=int, default=2, help="retries per trial (default: 2)")
     parser.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, as under "
@@ -46,7 +47,8 @@ def resolve_common(args: argparse.Namespace, default_name: str) -> None:
     if not NAME.match(args.name):
         raise ConfigError(f"--name must be letters, digits, '_', '.' or '-', got {args.name!r}")
     args.tracking_uri = args.tracking_uri or paths.default_tracking_uri()
-    args.storage = (args.storage or paths.default_storage()).expanduser().resolve()
+    if args.storage is None or "://" not in args.storage:
+        args.storage = str(Path(args.storage or paths.default_storage()).expanduser().resolve())
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
         raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
     if args.max_failures < -1:

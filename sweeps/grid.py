@@ -45,8 +45,9 @@ PRESETS = {
     # Minutes on a laptop CPU: a dSprites subset, tiny step counts, small metric samples.
     "demo": Preset(
         datasets=("dsprites",), families=FAMILIES, betas=(1.0, 4.0), seeds=(0,),
-        base={"subset": 5000, "steps_per_stage": 150, "batch_size": 64, "fade_in_steps": 75,
-              "log_every": 25, "mi_samples": 1000, "factor_train_votes": 300, "factor_eval_votes": 150}),
+        base={"subset": 5000, "eval_subset": 2000, "steps_per_stage": 100, "batch_size": 64,
+              "fade_in_steps": 50, "log_every": 20, "mi_samples": 1000, "factor_train_votes": 300,
+              "factor_eval_votes": 150}),
     # Seconds per trial, for tests.
     "smoke": Preset(
         datasets=("dsprites",), families=FAMILIES, betas=(1.0,), seeds=(0,),

@@ -27,7 +27,7 @@ def run_sweep(configs: list[TrialConfig], args: argparse.Namespace, description:
     """Run (or resume) the sweep; 0 when every trial finished, 1 when any failed."""
     uri = tracking.normalize_uri(args.tracking_uri)
     tracking.check_reachable(uri)
-    folder = Path(args.storage) / args.name
+    folder = f"{args.storage.rstrip('/')}/{args.name}"
     check_manifest(folder, configs)
 
     init_ray(args.address)
@@ -75,22 +75,22 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 
 
 def make_tuner(configs: list[TrialConfig], args: argparse.Namespace, ctx: tracking.TrackingContext,
-               folder: Path):
+               folder: str):
     from ray import tune
 
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, tracking=ctx, threads=max(1, int(args.cpus_per_trial))),
         {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
-    if tune.Tuner.can_restore(str(folder)):
+    if tune.Tuner.can_restore(folder):
         print(f"resuming sweep {args.name!r} from {folder}", flush=True)
-        return tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
+        return tune.Tuner.restore(folder, trainable=trainable, resume_errored=True)
     return tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search([c.to_dict() for c in configs])},
         tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent, reuse_actors=True,
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
-            name=args.name, storage_path=str(args.storage), verbose=1, progress_reporter=reporter(),
+            name=args.name, storage_path=args.storage, verbose=1, progress_reporter=reporter(),
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
@@ -114,20 +114,25 @@ def trial_dirname(trial) -> str:
 # ------------------------------------------------------------------------------ sweep folder
 
 
-def check_manifest(folder: Path, configs: list[TrialConfig]) -> None:
+def check_manifest(folder: str, configs: list[TrialConfig]) -> None:
     """A sweep name resumes the same grid: refuse to resume a folder started with other trials."""
+    import pyarrow.fs
+
     digests = sorted(hashlib.sha256(json.dumps(c.to_dict(), sort_keys=True).encode()).hexdigest()
                      for c in configs)
-    path = folder / MANIFEST
-    if path.exists():
-        before = json.loads(path.read_text())["trials"]
+    fs, path = pyarrow.fs.FileSystem.from_uri(folder if "://" in folder else Path(folder).as_uri())
+    manifest = f"{path}/{MANIFEST}"
+    if fs.get_file_info(manifest).type == pyarrow.fs.FileType.File:
+        with fs.open_input_stream(manifest) as f:
+            before = json.loads(f.read())["trials"]
         if before != digests:
             raise ConfigError(f"sweep folder {folder} holds a different grid ({len(before)} trials; now "
                               f"{len(digests)}): repeat the original flags to resume it, or pass --name "
                               f"for a new sweep")
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"trials": digests}))
+    fs.create_dir(path)
+    with fs.open_output_stream(manifest) as f:
+        f.write(json.dumps({"trials": digests}).encode())
 
 
 # ---------------------------------------------------------------------------------- the summary

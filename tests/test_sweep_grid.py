@@ -140,3 +140,13 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
     assert out.stderr.startswith(f"error: tracking server http://127.0.0.1:{port} is not reachable")
     assert time.monotonic() - start < 30
     assert not (tmp_path / "ray").exists()  # stopped before the sweep folder and Ray
+
+
+def test_a_sweep_name_resumes_only_its_own_grid(tmp_path):
+    from sweeps.launch import check_manifest
+
+    folder = str(tmp_path / "ray" / "name")
+    check_manifest(folder, grid.build_trials("smoke"))
+    check_manifest(folder, grid.build_trials("smoke"))  # the same grid: resumable
+    with pytest.raises(ConfigError, match="different grid"):
+        check_manifest(folder, grid.build_trials("smoke", betas=[1.0, 2.0]))
