@@ -83,12 +83,15 @@ class Trainer:
         self.train_seconds = 0.0
 
     # ------------------------------------------------------------------ the loop
-    def run(self, callback: Callable[[Event], None] | None = None) -> dict[str, float]:
+    def run(self, callback: Callable[[Event], None] | None = None, until: int | None = None) -> dict[str, float]:
+        """Train to the end and return the final metrics. With ``until``, pause once that many global
+        steps are done (e.g. a stage end) and return {}: a later call continues as if never paused."""
         cb = callback or (lambda event: None)
         cfg, total, per_stage = self.cfg, self.cfg.total_steps, self.cfg.stage_steps
         self.model.train()
+        end = total if until is None else min(until, total)
         t0, n0 = time.perf_counter(), self.step
-        while self.step < total:
+        while self.step < end:
             stage = self.step // per_stage
             if stage != self.stage:
                 self.stage = stage
@@ -108,6 +111,8 @@ class Trainer:
                 t0, n0 = time.perf_counter(), self.step
             elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 cb(Event("checkpoint", self.step, self.stage))
+        if self.step < total:  # paused at `until`
+            return {}
         final = self.final_metrics()
         cb(Event("end", self.step, self.stage, final))
         return final
