@@ -146,6 +146,7 @@ class TrackingContext:
     sweep: str
     parent_run_id: str
     key_by: str = "config"  # "config": the resolved config names the trial; "trial_id": Tune's trial id
+    tags: tuple[tuple[str, str], ...] = ()  # extra tags on every trial run, e.g. (("search", "optuna"),)
 
     def trial_key(self, cfg: TrialConfig, trial_id: str) -> str:
         what = json.dumps(cfg.to_dict(), sort_keys=True) if self.key_by == "config" else trial_id
@@ -175,8 +176,8 @@ class TrialRun:
         key = ctx.trial_key(cfg, trial_id)
         found = find_trial_run(mlflow, ctx.experiment_id, key)
         if found is None:
-            tags = {PARENT_TAG: ctx.parent_run_id, ROLE_TAG: "trial", KEY_TAG: key, "family": cfg.family,
-                    "dataset": cfg.dataset, "sweep": ctx.sweep, "ray_trial_id": trial_id}
+            tags = {**dict(ctx.tags), PARENT_TAG: ctx.parent_run_id, ROLE_TAG: "trial", KEY_TAG: key,
+                    "family": cfg.family, "dataset": cfg.dataset, "sweep": ctx.sweep, "ray_trial_id": trial_id}
             run = mlflow.create_run(ctx.experiment_id, run_name=cfg.run_name, tags=tags)
             trial = cls(mlflow, run.info.run_id, "RUNNING")
             trial._describe(cfg)
