@@ -46,7 +46,7 @@ SUB_BLOCK = 256  # columns per pruning decision
 ROW_BLOCK = 32  # rows per pruning decision
 MAX_ROWS = 256  # rows per block (columns per block: chunk // rows)
 WASTE = 1.25  # merge row blocks while the merged block does at most 25% more work
-STRATA = 4  # posterior-width strata of the columns, for sets of at least MIN_STRATUM columns each
+STRATA = 4  # posterior-width strata of the points, for column sets of at least STRATA * MIN_STRATUM
 MIN_STRATUM = 16 * SUB_BLOCK
 
 
@@ -63,50 +63,72 @@ def run_calls(calls: dict, workers: int) -> dict:
 
 
 def default_chunk(device: torch.device) -> int:
-    """Elements per block: fits the L2 cache on CPU, large enough to fill a GPU."""
+    """Elements per block: about the L2 cache on CPU, large enough to fill a GPU."""
     return 1 << 24 if device.type == "cuda" else 1 << 19
 
 
-def log_mean_density(z: np.ndarray, mu: np.ndarray, logvar: np.ndarray, rows: np.ndarray,
-                     cols: np.ndarray | None = None, *, device: torch.device,
-                     chunk: int | None = None) -> np.ndarray:
-    """ln (1/|cols|) sum_{n in cols} prod_j N(z[s, j]; mu[n, j], exp(logvar[n, j])) for s in rows.
+class Mixture:
+    """The posteriors of N points over a group of G latent dims, prepared once for many estimates.
 
-    z, mu, logvar: (N, G) float64. rows: indices into N, each of them also in cols (cols None: all N).
-    chunk: elements per block (buffer size).
-    Returns (len(rows),) float64 in the order of `rows`.
+    z, mu, logvar: (N, G) float64. The points get a canonical order — by posterior-width stratum,
+    then by mu along the sort dim — and every column set passed to log_mean is a subsequence of it.
     """
-    cols = np.arange(len(mu)) if cols is None else np.asarray(cols)
-    rows = np.asarray(rows)
-    chunk = chunk or default_chunk(device)
-    mu_c, lv_c = mu[cols], logvar[cols]
-    sd = _sort_dim(mu_c, lv_c)
-    a = -0.5 * LOG2E * (LOG_2PI + lv_c).sum(1)  # (C,) bits
-    shift = a.max()
-    stratum = _strata(a)
-    order = np.lexsort((mu_c[:, sd], stratum))  # by stratum, then by mu
-    mu_c, lv_c, a = mu_c[order], lv_c[order], a[order] - shift
-    r = np.sqrt(0.5 * LOG2E * np.exp(-lv_c))  # (C, G)
-    edges = np.searchsorted(stratum[order], np.arange(stratum.max() + 2))
 
-    zr = z[rows]  # (R, G)
-    own = (-0.5 * LOG2E * (LOG_2PI + logvar[rows]).sum(1) - shift
-           - (0.5 * LOG2E * (zr - mu[rows]) ** 2 * np.exp(-logvar[rows])).sum(1))  # (R,) bits
-    bits = np.empty(len(rows))
-    fast = np.flatnonzero(own >= OWN_FLOOR)
-    fast = fast[np.argsort(zr[fast, sd], kind="stable")]
-    if len(fast):
-        tasks = []
-        for c0, c1 in pairwise(edges):
-            if c1 > c0:
-                ranges = _column_ranges(zr[fast], own[fast], mu_c[c0:c1], r[c0:c1], a[c0:c1])
-                ranges[:, :2] += c0
-                tasks += _tasks(ranges, len(fast), chunk)
-        bits[fast] = _sum_fast(zr[fast], mu_c, r, a, tasks, device)
-    slow = np.flatnonzero(own < OWN_FLOOR)
-    if len(slow):
-        bits[slow] = _sum_exact(zr[slow], mu_c, r, a)
-    return (bits + shift) / LOG2E - math.log(len(cols))
+    def __init__(self, z: np.ndarray, mu: np.ndarray, logvar: np.ndarray):
+        self.z, self.mu, self.logvar = z, mu, logvar
+        self.a = -0.5 * LOG2E * (LOG_2PI + logvar).sum(1)  # (N,) bits, before the shift
+        self.r = np.sqrt(0.5 * LOG2E * np.exp(-logvar))  # (N, G)
+        self.sd = _sort_dim(mu, logvar)
+        self.stratum = _strata(self.a)
+        by_mu = np.argsort(mu[:, self.sd], kind="stable")
+        self.order = by_mu[np.argsort(self.stratum[by_mu], kind="stable")]  # (N,) canonical order
+
+    def grouped(self, values: np.ndarray) -> dict[int, np.ndarray]:
+        """{value: its points in canonical order} for an (N,) integer array."""
+        keys = values[self.order]
+        if 0 <= keys.min() and keys.max() < 1 << 15:
+            keys = keys.astype(np.int16)  # radix sort
+        order = self.order[np.argsort(keys, kind="stable")]
+        uniq, starts = np.unique(values[order], return_index=True)
+        return {int(v): order[i:j] for v, i, j in zip(uniq, starts, [*starts[1:], len(order)])}
+
+    def log_mean(self, rows: np.ndarray, cols: np.ndarray | None = None, *, device: torch.device,
+                 chunk: int | None = None) -> np.ndarray:
+        """ln (1/|cols|) sum_{n in cols} prod_j N(z[s, j]; mu[n, j], exp(logvar[n, j])) for s in rows.
+
+        rows: point indices, each of them among the columns. cols: point indices in canonical order
+        (self.order, or one of self.grouped's values); None: all points. chunk: elements per block.
+        Returns (len(rows),) float64 in the order of `rows`.
+        """
+        cols = self.order if cols is None else cols
+        chunk = chunk or default_chunk(device)
+        if len(cols) < STRATA * MIN_STRATUM:  # too few to stratify: one run sorted by mu
+            cols = cols[np.argsort(self.mu[cols, self.sd], kind="stable")]
+            edges = np.array([0, len(cols)])
+        else:
+            edges = np.searchsorted(self.stratum[cols], np.arange(self.stratum.max() + 2))  # strata runs
+        a = self.a[cols]
+        shift = a.max()
+        a -= shift
+        mu, r = self.mu[cols], self.r[cols]
+
+        zr = self.z[rows]  # (R, G)
+        own = self.a[rows] - shift - (((zr - self.mu[rows]) * self.r[rows]) ** 2).sum(1)  # (R,) e[s, s]
+        bits = np.empty(len(rows))
+        fast = np.flatnonzero(own >= OWN_FLOOR)
+        fast = fast[np.argsort(zr[fast, self.sd], kind="stable")]
+        if len(fast):
+            tasks = []
+            for c0, c1 in pairwise(edges):
+                if c1 > c0:
+                    ranges = _column_ranges(zr[fast], own[fast], mu[c0:c1], r[c0:c1], a[c0:c1])
+                    ranges[:, :2] += c0
+                    tasks += _tasks(ranges, len(fast), chunk)
+            bits[fast] = _sum_fast(zr[fast], mu, r, a, tasks, device)
+        slow = np.flatnonzero(own < OWN_FLOOR)
+        if len(slow):
+            bits[slow] = _sum_exact(zr[slow], mu, r, a)
+        return (bits + shift) / LOG2E - math.log(len(cols))
 
 
 def _sort_dim(mu: np.ndarray, logvar: np.ndarray) -> int:
@@ -117,12 +139,12 @@ def _sort_dim(mu: np.ndarray, logvar: np.ndarray) -> int:
 
 
 def _strata(a: np.ndarray) -> np.ndarray:
-    """(C,) stratum 0..STRATA-1 of each column by quantile of a (its log peak density)."""
-    n = min(STRATA, len(a) // MIN_STRATUM)
+    """(N,) int8 stratum 0..STRATA-1 of each point by quantile of a (its log peak density)."""
+    n = STRATA if len(a) >= STRATA * MIN_STRATUM else 1
     if n <= 1:
-        return np.zeros(len(a), dtype=np.int64)
+        return np.zeros(len(a), dtype=np.int8)
     cuts = np.quantile(a, np.arange(1, n) / n)
-    return np.searchsorted(cuts, a, side="right").astype(np.int64)
+    return np.searchsorted(cuts, a, side="right").astype(np.int8)
 
 
 def _sum_exact(zr: np.ndarray, mu: np.ndarray, r: np.ndarray, a: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from provlae.metrics._inputs import codes, draw_z, sample_points, worker_threads
-from provlae.metrics._mixture import LOG_2PI, log_mean_density, run_calls
+from provlae.metrics._mixture import LOG_2PI, Mixture, run_calls
 
 
 def level_information(mu, logvar, levels: Sequence[Sequence[int]], *, z=None, samples: int | None = 10000,
@@ -52,7 +52,7 @@ def information(z, mu, logvar, idx, *, device, chunk=None) -> float:
     """I(x; z_G) in nats for (N, G) float64 arrays and sample point indices `idx`."""
     zs, ms, ls = z[idx], mu[idx], logvar[idx]
     own = (-0.5 * (LOG_2PI + ls + (zs - ms) ** 2 * np.exp(-ls))).sum(1)  # log q(z_s | x_s)
-    aggregate = log_mean_density(z, mu, logvar, idx, device=device, chunk=chunk)  # log q(z_s)
+    aggregate = Mixture(z, mu, logvar).log_mean(idx, device=device, chunk=chunk)  # log q(z_s)
     return float(np.mean(own - aggregate))
 
 

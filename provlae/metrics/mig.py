@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from provlae.metrics._inputs import codes, draw_z, factor_table, sample_points, worker_threads
-from provlae.metrics._mixture import log_mean_density, run_calls
+from provlae.metrics._mixture import Mixture, run_calls
 
 ACTIVE_VARIANCE = 1e-2  # a latent is active when the variance of its mean over the data exceeds this
 
@@ -86,37 +86,26 @@ def mig_scores(mu, logvar, factors, factor_sizes: Sequence[int], *, z=None, samp
 def mutual_information(z, mu, logvar, factors, used, idx, *, device, chunk=None, workers=1):
     """(J, K) I(z_j; v_k) in nats (NaN for factors not in `used`) and (J,) H(z_j), float64 inputs."""
     n_latents, n_factors = mu.shape[1], factors.shape[1]
-    slices = {k: _slices(factors[:, k], factors[idx, k]) for k in used}
+    at = {k: {int(v): np.flatnonzero(factors[idx, k] == v) for v in np.unique(factors[idx, k])} for k in used}
     calls = {}  # one estimator call per (latent, marginal) and (latent, factor, value slice)
     for j in range(n_latents):
-        one = (z[:, [j]], mu[:, [j]], logvar[:, [j]])
-        calls[j, None, 0] = (len(idx) * len(z), partial(log_mean_density, *one, idx, device=device, chunk=chunk))
+        m = Mixture(z[:, [j]], mu[:, [j]], logvar[:, [j]])
+        calls[j, None, 0] = (len(idx) * len(z), partial(m.log_mean, idx, device=device, chunk=chunk))
         for k in used:
-            for i, (pos, members) in enumerate(slices[k]):
-                calls[j, k, i] = (len(pos) * len(members), partial(log_mean_density, *one, idx[pos], members,
-                                                                   device=device, chunk=chunk))
+            members = m.grouped(factors[:, k])
+            for v, pos in at[k].items():
+                calls[j, k, v] = (len(pos) * len(members[v]), partial(m.log_mean, idx[pos], members[v],
+                                                                      device=device, chunk=chunk))
     logq = run_calls(calls, workers)  # log q(z_sj) and log q_v(z_sj) at the sample points
     mi = np.full((n_latents, n_factors), math.nan)
     entropy = np.array([-logq[j, None, 0].mean() for j in range(n_latents)])
     for j in range(n_latents):
         for k in used:
             cond = np.empty(len(idx))
-            for i, (pos, _) in enumerate(slices[k]):
-                cond[pos] = logq[j, k, i]
+            for v, pos in at[k].items():
+                cond[pos] = logq[j, k, v]
             mi[j, k] = entropy[j] + cond.mean()  # H(z_j) - H(z_j | v_k)
     return mi, entropy
-
-
-def _slices(values: np.ndarray, sample_values: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """For each value holding a sample point: (positions among the sample points, all its points)."""
-    order = np.argsort(values, kind="stable")
-    uniq, starts = np.unique(values[order], return_index=True)
-    ends = np.append(starts[1:], len(values))
-    s_order = np.argsort(sample_values, kind="stable")
-    s_uniq, s_starts = np.unique(sample_values[s_order], return_index=True)
-    s_ends = np.append(s_starts[1:], len(sample_values))
-    where = dict(zip(uniq.tolist(), zip(starts, ends)))
-    return [(s_order[a:b], order[slice(*where[v])]) for v, a, b in zip(s_uniq.tolist(), s_starts, s_ends)]
 
 
 def _used_factors(exclude: Sequence[int], sizes: np.ndarray) -> list[int]:
