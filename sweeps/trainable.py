@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from provlae.config import TrialConfig
 from sweeps.tracking import TrackingContext, TrialRun
 
 CHECKPOINT_FILE = "trainer.pt"
+PROGRESS_EVERY_S = 10.0  # "step" events go to Tune at most this often (each report is a round trip)
 
 
 def trial_config(config: dict[str, Any]) -> TrialConfig:
@@ -56,16 +58,22 @@ def _train(cfg: TrialConfig, run: TrialRun) -> tuple[dict[str, float], int, int]
             trainer.load_checkpoint(Path(folder) / CHECKPOINT_FILE)
         run.resumed_at(trainer.step)
 
+    last_report = time.monotonic()
+
     def on_event(event) -> None:
-        run.log(event.step, event.metrics)
+        nonlocal last_report
+        run.log(event.step, event.metrics)  # MLflow gets every event (buffered)
         result = {**event.metrics, "step": event.step, "stage": event.stage}
         if event.kind in ("checkpoint", "stage_end"):
             run.flush()  # before the checkpoint: a restore from it must find every earlier step stored
             with tempfile.TemporaryDirectory(prefix="provlae-ckpt-") as folder:
                 trainer.save_checkpoint(Path(folder) / CHECKPOINT_FILE)
                 tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
-        elif event.kind == "step":
-            tune.report(result)
+        elif event.kind == "step" and time.monotonic() - last_report >= PROGRESS_EVERY_S:
+            tune.report(result)  # live progress for Tune's table and schedulers
+        else:
+            return
+        last_report = time.monotonic()
 
     final = trainer.run(on_event)
     with tempfile.TemporaryDirectory(prefix="provlae-figures-") as folder:
