@@ -73,7 +73,9 @@ class Trainer:
         self.model = LadderVAE(self.data.image_shape, self.family.level_dims(), cfg.channels,
                                cfg.hidden).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        # The trainer owns its randomness, so trainers sharing a process never perturb each other.
         self.batch_gen = torch.Generator().manual_seed(cfg.seed)  # the order of training images
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)  # z samples
         self.perm: torch.Tensor | None = None
         self.pos = 0
         self.step = 0
@@ -129,7 +131,7 @@ class Trainer:
     def _train_step(self) -> dict[str, torch.Tensor | float]:
         x = batches_to_float(self.images, self._next_indices(), self.data.pixel_scale, self.device)
         t = self.steps_into_stage
-        out = self.family.loss(self.model, x, self.stage, t)
+        out = self.family.loss(self.model, x, self.stage, t, generator=self.noise_gen)
         if not torch.isfinite(out.loss):
             raise TrainingDiverged(f"loss became {out.loss.item()} at step {self.step + 1} (stage {self.stage}) "
                                    f"of {self.cfg.run_name}; lower lr or beta")
@@ -200,6 +202,7 @@ class Trainer:
                 "numpy": np.random.get_state(),
                 "python": random.getstate(),
                 "batches": self.batch_gen.get_state(),
+                "noise": self.noise_gen.get_state(),
             },
         }
 
@@ -243,3 +246,4 @@ class Trainer:
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         self.batch_gen.set_state(rng["batches"].cpu())
+        self.noise_gen.set_state(rng["noise"].cpu())

@@ -175,3 +175,16 @@ def test_cli_refuses_bad_input(tmp_path, bad, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_trainers_sharing_a_process_do_not_perturb_each_other():
+    import torch
+
+    alone = Trainer(tiny(family="teacher_student")).run()
+    a = Trainer(tiny(family="teacher_student"))
+    b = Trainer(tiny(family="pro_vlae", seed=3))  # built after a: re-seeds torch's global RNG
+    assert a.run(until=10) == {}  # paused mid stage 1
+    b.run(until=12)
+    torch.manual_seed(12345)  # anyone else drawing from the global RNG
+    torch.rand(100)
+    assert a.run() == alone

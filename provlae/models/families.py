@@ -87,9 +87,11 @@ class Family:
         return [self.cfg.beta if l in active else 0.0 for l in range(self.L)]
 
     # ---------------------------------------------------------------- objective
-    def loss(self, model: LadderVAE, x: torch.Tensor, stage: int, t: int) -> LossOutput:
+    def loss(self, model: LadderVAE, x: torch.Tensor, stage: int, t: int,
+             generator: torch.Generator | None = None) -> LossOutput:
+        """``generator`` draws all of the step's randomness (posterior samples, permutations)."""
         gates = self.gates(stage, t, x.device)
-        out = model(x, gates)
+        out = model(x, gates, generator=generator)
         recon = bernoulli_nll(out.logits, x).mean()
         terms = {"recon": recon}
         total = recon
@@ -100,14 +102,15 @@ class Family:
             terms[f"kl_z{l + 1}"] = kl
             if w:
                 total = total + w * kl
-        extra = self.extra_loss(model, x, out, stage)
+        extra = self.extra_loss(model, x, out, stage, generator)
         for k, v in extra.items():
             terms[k] = v
             total = total + v
         terms["loss"] = total
         return LossOutput(total, terms)
 
-    def extra_loss(self, model: LadderVAE, x: torch.Tensor, out: LadderOutput, stage: int) -> dict:
+    def extra_loss(self, model: LadderVAE, x: torch.Tensor, out: LadderOutput, stage: int,
+                   generator: torch.Generator | None = None) -> dict:
         return {}
 
     # ---------------------------------------------------------------- stage boundaries and state
@@ -193,7 +196,8 @@ class TeacherStudent(Family):
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self.teacher_stage = stage
 
-    def extra_loss(self, model: LadderVAE, x: torch.Tensor, out: LadderOutput, stage: int) -> dict:
+    def extra_loss(self, model: LadderVAE, x: torch.Tensor, out: LadderOutput, stage: int,
+                   generator: torch.Generator | None = None) -> dict:
         if stage == 0:
             return {}
         cfg, top = self.cfg, self.L - 1
@@ -201,7 +205,7 @@ class TeacherStudent(Family):
         with torch.no_grad():
             t_mu, _ = self.teacher.encode(x, _all_on(self.L))
             y_t = t_mu[top][:, :k]  # (B, k)
-            perm = torch.randperm(x.shape[0], device=x.device)
+            perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
             d_t = self._delta(self.teacher, _pad(y_t, cfg, stage - 1), perm, k, stage - 1)
         mu = out.mu[top]
         y_s = mu[:, :k]
