@@ -9,7 +9,10 @@ The processes' proportional set size (PSS, /proc/<pid>/smaps_rollup: a page shar
 in each) is sampled, first on a tiny dataset (the baseline: interpreter, torch, model, buffers), then on
 the measured one:
 
-    data_copies = (peak sum of PSS on the dataset - peak sum of PSS on the baseline) / dataset bytes
+    data_copies = (PSS held on the dataset - PSS held on the baseline) / dataset bytes
+
+where "held" is the sum over both processes once both have finished the phase, trainer and data alive
+(the peaks, including evaluation's transient buffers, are printed too).
 
 One shared copy gives ~1; a private copy per trial would give ~2. Default: the full procedural dSprites
 (737,280 images, 3.0 GB; generated into the node's cache the first time, which takes a while).
@@ -35,9 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TARGET = 1.25
-BASELINE_IMAGES = 2048  # >= the evaluation batch: the baseline holds the same evaluation buffers
+BASELINE_IMAGES = 1024
 QUICK_IMAGES = 200_000
 READ_BATCH = 4096
+EVAL_IMAGES = 512  # one evaluation batch: the same evaluation buffers in both phases
 SAMPLE_S = 0.05
 
 
@@ -45,7 +49,7 @@ def config(subset: int | None):
     from provlae.config import TrialConfig
 
     return TrialConfig.from_dict(dict(family="beta_vae", dataset="dsprites", subset=subset, steps_per_stage=2,
-                                      batch_size=64, log_every=1000, eval_subset=BASELINE_IMAGES,
+                                      batch_size=64, log_every=1000, eval_subset=EVAL_IMAGES,
                                       mi_samples=100, factor_train_votes=50, factor_eval_votes=25, device="cpu"))
 
 
@@ -68,9 +72,9 @@ def trial(subsets, barrier) -> None:
         trainer = Trainer(config(subset))
         trainer.run()
         read_all(trainer)
-        barrier.wait()  # hold the phase's memory until both trials are done with it
+        barrier.wait()  # both trials are done with the phase ...
+        barrier.wait()  # ... and their memory has been measured
         del trainer
-        barrier.wait()
 
 
 def read_all(trainer) -> None:
@@ -116,15 +120,19 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.pids, self.phase, self.peaks, self.stop = pids, None, {}, threading.Event()
 
+    def sample(self) -> dict[str, int]:
+        rows = [pss_kb(p) for p in self.pids]
+        return {k: sum(r[k] for r in rows) for k in ("Pss", "Pss_Anon", "Pss_File", "Pss_Data")}
+
     def run(self) -> None:
         while not self.stop.is_set():
+            phase = self.phase
             try:
-                rows = [pss_kb(p) for p in self.pids]
+                total = self.sample()
             except (FileNotFoundError, ProcessLookupError):
                 break
-            total = {k: sum(r.get(k, 0) for r in rows) for k in ("Pss", "Pss_Anon", "Pss_File", "Pss_Data")}
-            if self.phase is not None and total["Pss"] > self.peaks.get(self.phase, {}).get("Pss", -1):
-                self.peaks[self.phase] = total
+            if phase is not None and total["Pss"] > self.peaks.get(phase, {}).get("Pss", -1):
+                self.peaks[phase] = total
             time.sleep(SAMPLE_S)
 
 
@@ -154,11 +162,12 @@ def main() -> None:
         sampler.start()
         barrier.wait()  # both trials imported torch
         start = time.perf_counter()
+        held = {}
         for phase in ("baseline", "data"):
             sampler.phase = phase
-            barrier.wait()  # both trials finished the phase (their memory still held)
-            time.sleep(3 * SAMPLE_S)
+            barrier.wait()  # both trials finished the phase, their trainers (and data) still held
             sampler.phase = None
+            held[phase] = sampler.sample()
             barrier.wait()
         for p in procs:
             p.join()
@@ -167,18 +176,18 @@ def main() -> None:
 
     n = measured or 737_280
     data_kb = n * 64 * 64 / 1024
-    base, peak = sampler.peaks["baseline"], sampler.peaks["data"]
-    copies = (peak["Pss"] - base["Pss"]) / data_kb
+    base, data = held["baseline"], held["data"]
+    copies = (data["Pss"] - base["Pss"]) / data_kb
     mb = 1 / 1024
     label = "full procedural dSprites" if measured is None else "procedural dSprites subset (--quick)"
     print(f"dataset: {label}, {n:,} images, {data_kb * mb:,.0f} MB; 2 concurrent trials, each reading "
           f"every image")
-    print(f"peak PSS, 2 trials, baseline ({BASELINE_IMAGES} images): {base['Pss'] * mb:8.0f} MB "
-          f"(anon {base['Pss_Anon'] * mb:.0f}, file {base['Pss_File'] * mb:.0f})")
-    print(f"peak PSS, 2 trials, dataset:                    {peak['Pss'] * mb:8.0f} MB "
-          f"(anon {peak['Pss_Anon'] * mb:.0f}, file {peak['Pss_File'] * mb:.0f})")
-    print(f"PSS of the mapped image files at the peak: {peak['Pss_Data'] * mb:.0f} MB "
-          f"({peak['Pss_Data'] / data_kb:.3f} copies)")
+    for name, phase in (("baseline", f"baseline ({BASELINE_IMAGES} images)"), ("data", "dataset")):
+        h, p = held[name], sampler.peaks[name]
+        print(f"PSS of the 2 trials, {phase:<24} held {h['Pss'] * mb:6.0f} MB (anon {h['Pss_Anon'] * mb:.0f}, "
+              f"file {h['Pss_File'] * mb:.0f}); peak {p['Pss'] * mb:6.0f} MB")
+    print(f"PSS of the mapped image files: {data['Pss_Data'] * mb:.0f} MB ({data['Pss_Data'] / data_kb:.3f} "
+          f"copies)")
     print(f"data copies held: {copies:.3f} (target <= {TARGET}); dataset prepared in {prepared:.0f} s, "
           f"trials ran {trials_s:.0f} s")
     print(json.dumps({"name": "sweep_memory", "data_copies": round(copies, 3)}))

@@ -76,11 +76,10 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 
 def make_tuner(configs: list[TrialConfig], args: argparse.Namespace, ctx: tracking.TrackingContext,
                folder: str):
+    """The grid's Tuner, or the interrupted one restored from ``folder`` (errored trials retried)."""
     from ray import tune
 
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, tracking=ctx, threads=max(1, int(args.cpus_per_trial))),
-        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+    trainable = trainable_for(args, ctx)
     if tune.Tuner.can_restore(folder):
         print(f"resuming sweep {args.name!r} from {folder}", flush=True)
         return tune.Tuner.restore(folder, trainable=trainable, resume_errored=True)
@@ -89,11 +88,26 @@ def make_tuner(configs: list[TrialConfig], args: argparse.Namespace, ctx: tracki
         param_space={"trial": tune.grid_search([c.to_dict() for c in configs])},
         tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent, reuse_actors=True,
                                     trial_dirname_creator=trial_dirname),
-        run_config=tune.RunConfig(
-            name=args.name, storage_path=args.storage, verbose=1, progress_reporter=reporter(),
-            failure_config=tune.FailureConfig(max_failures=args.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+        run_config=run_config(args),
     )
+
+
+def trainable_for(args: argparse.Namespace, ctx: tracking.TrackingContext):
+    """The trainable with the sweep's tracking context and per-trial resources bound."""
+    from ray import tune
+
+    return tune.with_resources(
+        tune.with_parameters(train_trial, tracking=ctx, threads=max(1, int(args.cpus_per_trial))),
+        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+
+
+def run_config(args: argparse.Namespace):
+    from ray import tune
+
+    return tune.RunConfig(
+        name=args.name, storage_path=args.storage, verbose=1, progress_reporter=reporter(),
+        failure_config=tune.FailureConfig(max_failures=args.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
 
 
 def reporter():

@@ -54,7 +54,7 @@ def normalize_uri(uri: str) -> str:
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme == "sqlite":
         return f"sqlite:///{_sqlite_path(uri)}"
-    if parsed.scheme in ("", "file") and not uri.startswith(("databricks", "uc:")):
+    if parsed.scheme in ("", "file"):
         path = parsed.path if parsed.scheme == "file" else uri
         return Path(path).expanduser().resolve().as_uri()
     return uri
