@@ -114,7 +114,7 @@ def test_level_information_matches_plain_reference():
 def test_pruned_tiled_paths_match_reference():
     """Narrow posteriors on a larger set: pruning, posterior-width strata and small tiles all engage."""
     rng = np.random.default_rng(4)
-    n = 8400
+    n = 17000  # >= STRATA * MIN_STRATUM: the marginal is stratified
     factors = np.stack([rng.integers(0, 2, n), rng.integers(0, 7, n)], 1)
     mu = np.stack([factors[:, 1] + 0.05 * rng.standard_normal(n), rng.standard_normal(n)], 1)
     logvar = np.log(rng.uniform(0.01, 0.2, (n, 2)) ** 2)

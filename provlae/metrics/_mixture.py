@@ -192,8 +192,13 @@ def _tasks(ranges: np.ndarray, n_rows: int, chunk: int) -> list[tuple[int, int, 
     while i < len(ranges):
         lo, hi, clamp = ranges[i]
         area, j = hi - lo, i + 1  # work of the row blocks taken so far, in units of ROW_BLOCK rows
+        if area == 0:  # no columns for this row block
+            i += 1
+            continue
         while j < len(ranges):
-            nlo, nhi = min(lo, ranges[j, 0]), max(hi, ranges[j, 1])
+            empty = ranges[j, 1] == ranges[j, 0]
+            nlo = lo if empty else min(lo, ranges[j, 0])
+            nhi = hi if empty else max(hi, ranges[j, 1])
             nearea = area + ranges[j, 1] - ranges[j, 0]
             if (j + 1 - i) * ROW_BLOCK > MAX_ROWS or (j + 1 - i) * (nhi - nlo) > WASTE * nearea:
                 break
@@ -229,11 +234,12 @@ def _column_ranges(zr, own, mu, r, a) -> np.ndarray:
         far = np.maximum(mu_hi[None] - z_lo[sl, None], z_hi[sl, None] - mu_lo[None])  # (rb, n_sb, G)
         upper = a_hi[None] - (r_lo[None] ** 2 * near ** 2).sum(-1)  # (rb, n_sb) >= every e in the block
         lower = a_lo[None] - (r_hi[None] ** 2 * far ** 2).sum(-1)  # <= every e in the block
-        keep = upper >= own_lo[sl, None] - PRUNE_BITS  # the own column's sub-block is always kept
+        keep = upper >= own_lo[sl, None] - PRUNE_BITS  # always true for the rows' own columns, if here
         first = keep.argmax(1)
         last = n_sb - 1 - keep[:, ::-1].argmax(1)
         inside = (np.arange(n_sb)[None] >= first[:, None]) & (np.arange(n_sb)[None] <= last[:, None])
         out[sl, 0] = first * SUB_BLOCK
         out[sl, 1] = np.minimum(n_cols, (last + 1) * SUB_BLOCK)
         out[sl, 2] = (inside & (lower < EXP2_FLOOR + 1.0)).any(1)
+        out[sl][~keep.any(1)] = 0  # nothing to add from these columns: an empty range
     return out
