@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench bench-quick install clean-venv
+.PHONY: demo test bench-quick install clean-venv
 
 install: $(STAMP)
 
@@ -19,10 +19,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The demo sweep on a local Ray (no address: started for the run), tracked in the default MLflow store
+# (sqlite under the user data directory); then the paper's table: top-3 seeds per beta.
 demo: $(STAMP)
-	$(BIN)/python -m provlae train --set family=pro_vlae --set dataset=dsprites --set subset=5000 \
-	  --set steps_per_stage=300 --set batch_size=64 --set fade_in_steps=150 --set mi_samples=1000 \
-	  --set factor_train_votes=500 --set factor_eval_votes=300 --out runs/demo
+	$(BIN)/python sweeps/full_grid.py --preset demo --experiment demo
+	$(BIN)/python -m analysis top3 --experiment demo
+	@$(BIN)/python -c "from provlae.paths import default_tracking_uri as u; \
+	print(f'Compare the runs in the MLflow UI: $(BIN)/mlflow ui --backend-store-uri {u()} --host 127.0.0.1')"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
