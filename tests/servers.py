@@ -87,7 +87,7 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+def stop_group(proc: subprocess.Popen, grace: float = 2.0) -> None:
     """Stop a process started with start_new_session=True: its group, then any descendant left."""
     if proc.poll() is None or descendants(proc.pid):
         left = descendants(proc.pid)
