@@ -25,22 +25,23 @@ def log_mean_density(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) ->
     return torch.cat(out)
 
 
-def reference_mig(z, mu, logvar, factors, factor_sizes, idx, used) -> dict:
+def reference_mig(z, mu, logvar, factors, factor_sizes, idx, used, device="cpu") -> dict:
     """MIG, MIG-sup and the (J, K) MI matrix (nats, NaN for unused factors) from numpy inputs."""
-    t = {name: torch.as_tensor(np.asarray(a), dtype=torch.float32) for name, a in
+    t = {name: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device) for name, a in
          [("z", z), ("mu", mu), ("logvar", logvar)]}
     n_latents, n_factors = mu.shape[1], factors.shape[1]
     mi = np.full((n_latents, n_factors), math.nan)
     with torch.no_grad():
         for j in range(n_latents):
             zj, mj, lj = t["z"][:, j], t["mu"][:, j], t["logvar"][:, j]
-            marginal = log_mean_density(zj[idx], mj, lj).double().numpy()
+            marginal = log_mean_density(zj[idx], mj, lj).double().cpu().numpy()
             for k in used:
                 cond = np.empty(len(idx))
                 for v in np.unique(factors[idx, k]):
                     rows = np.flatnonzero(factors[idx, k] == v)
-                    members = torch.as_tensor(np.flatnonzero(factors[:, k] == v))
-                    cond[rows] = log_mean_density(zj[idx[rows]], mj[members], lj[members]).double().numpy()
+                    members = torch.as_tensor(np.flatnonzero(factors[:, k] == v), device=device)
+                    logq = log_mean_density(zj[idx[rows]], mj[members], lj[members])
+                    cond[rows] = logq.double().cpu().numpy()
                 mi[j, k] = np.mean(cond - marginal)
     norm = np.clip(mi, 0, None) / np.log(np.asarray(factor_sizes, dtype=np.float64))[None]
     gaps = [_gap(norm[:, k]) for k in used]

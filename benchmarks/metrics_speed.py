@@ -5,7 +5,9 @@ factor (posterior std log-uniform in [0.03, 0.15]), one mixes two factors (std 0
 (mean ~0, log-variance ~0). Both sides get the same z and the same sample points, so their MI matrices
 must agree to float precision; the reference (benchmarks/_reference_mig.py) evaluates the same estimator
 the way Chen et al.'s code does: full float32 log-density matrices and logsumexp, chunk by chunk,
-marginal then every factor slice.
+marginal then every factor slice, on the same device. Timings are the best of a few runs; on a shared
+machine compare runs made side by side, or use --threads 1 for a per-core figure that contention on
+the other cores disturbs least.
 
 Without --quick it also times mig_scores alone on a dSprites-size code (737,280 points = the
 3x6x40x32x32 grid, 6 latents, S = 10,000 sample points, shape excluded so 4 factors are used) and
@@ -59,63 +61,66 @@ def work(n: int, samples: int, sizes, used, latents: int = 6) -> float:
     return latents * samples * n * (1 + sum(1 / sizes[k] for k in used))
 
 
-def compare(device: str, threads: int | None) -> dict:
+def compare(device: str) -> dict:
     sizes, used = QUICK_GRID, [0, 1, 2, 3]
     mu, logvar, factors = synthetic_code(sizes, used)
     z = draw_z(mu.astype(np.float64), logvar.astype(np.float64), seed=0)
     idx = sample_points(len(mu), QUICK_SAMPLES, seed=0)
-    ours_s, ours = _best(lambda: mig_scores(mu, logvar, factors, sizes, z=z, samples=QUICK_SAMPLES, seed=0,
-                                            device=device, num_threads=threads), repeats=3)
-    ref_s, ref = _best(lambda: reference_mig(z, mu, logvar, factors, sizes, idx, used), repeats=1)
+    ours_s, ours_cpu, ours = _best(lambda: mig_scores(mu, logvar, factors, sizes, z=z, samples=QUICK_SAMPLES,
+                                                      seed=0, device=device), repeats=3)
+    ref_s, ref_cpu, ref = _best(lambda: reference_mig(z, mu, logvar, factors, sizes, idx, used, device),
+                                repeats=1)
     diff = max(np.nanmax(np.abs(ours["mi_normalized"] - ref["mi_normalized"])),
                abs(ours["mig"] - ref["mig"]), abs(ours["mig_sup"] - ref["mig_sup"]))
     evals = work(len(mu), len(idx), sizes, used)
     print(f"quick: grid {sizes}, N={len(mu)}, S={len(idx)}, 6 latents, {evals:.3g} log-densities")
-    print(f"  ours      {ours_s:8.2f} s   {ours_s / evals * 1e9:6.3f} ns/eval   "
+    print(f"  ours      {ours_s:8.2f} s (cpu {ours_cpu:7.2f} s)   {ours_s / evals * 1e9:6.3f} ns/eval   "
           f"MIG {ours['mig']:.4f}  MIG-sup {ours['mig_sup']:.4f}")
-    print(f"  reference {ref_s:8.2f} s   {ref_s / evals * 1e9:6.3f} ns/eval   "
+    print(f"  reference {ref_s:8.2f} s (cpu {ref_cpu:7.2f} s)   {ref_s / evals * 1e9:6.3f} ns/eval   "
           f"MIG {ref['mig']:.4f}  MIG-sup {ref['mig_sup']:.4f}")
     print(f"  ratio {ref_s / ours_s:.1f}x   max |diff| {diff:.2e}")
     return {"ours_s": ours_s, "reference_s": ref_s, "ratio": ref_s / ours_s, "max_abs_diff": float(diff),
             "reference_ns_per_eval": ref_s / evals * 1e9}
 
 
-def full_size(device: str, threads: int | None, reference_ns: float) -> dict:
+def full_size(device: str, reference_ns: float) -> dict:
     sizes, used = DSPRITES_GRID, [1, 2, 3, 4]
     mu, logvar, factors = synthetic_code(sizes, used)
-    t0 = time.perf_counter()
-    out = mig_scores(mu, logvar, factors, sizes, samples=10000, seed=0, exclude_factors=(0,), device=device,
-                     num_threads=threads)
-    ours_s = time.perf_counter() - t0
+    ours_s, ours_cpu, out = _best(lambda: mig_scores(mu, logvar, factors, sizes, samples=10000, seed=0,
+                                                     exclude_factors=(0,), device=device),
+                                  repeats=1)
     ref_s = work(len(mu), 10000, sizes, used) * reference_ns * 1e-9
     print(f"dSprites size: N={len(mu)}, S=10000, 6 latents, factors {used} of {sizes}")
-    print(f"  ours {ours_s:.1f} s (MIG {out['mig']:.4f}, MIG-sup {out['mig_sup']:.4f}); reference "
-          f"extrapolated {ref_s:.0f} s ({ref_s / 60:.1f} min) -> {ref_s / ours_s:.1f}x")
+    print(f"  ours {ours_s:.1f} s (cpu {ours_cpu:.1f} s; MIG {out['mig']:.4f}, MIG-sup {out['mig_sup']:.4f})")
+    print(f"  reference extrapolated {ref_s:.0f} s ({ref_s / 60:.1f} min) -> {ref_s / ours_s:.1f}x")
     return {"full_ours_s": ours_s, "full_reference_extrapolated_s": ref_s}
 
 
 def _best(fn, repeats: int):
-    """Fastest of `repeats` runs (the machine is shared) and the result."""
-    best, out = float("inf"), None
+    """Wall and process CPU seconds of the fastest of `repeats` runs (the machine may be shared), and
+    the result."""
+    best, out = (float("inf"), 0.0), None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+        best = min(best, (time.perf_counter() - t0, time.process_time() - c0))
+    return (*best, out)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only the comparison (under a minute)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of both sides: torch's intra-op threads for the reference, "
+                        "worker threads for ours (default: torch's setting)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"device {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    result = {"name": "metrics_speed", **compare(args.device, None)}
+    result = {"name": "metrics_speed", **compare(args.device)}
     if not args.quick:
-        result.update(full_size(args.device, None, result["reference_ns_per_eval"]))
+        result.update(full_size(args.device, result["reference_ns_per_eval"]))
     result = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in result.items()}
     print(json.dumps(result))
 

@@ -13,7 +13,7 @@ exp2 is 2-3x faster than exp, and exp falls into a very slow path for arguments 
 with the shift c = max_n a_n, so that every e <= 0 and exp2 never overflows. The sum needs no max pass:
 every row's own point is one of the columns (sample points are drawn among the points), and its term
 ``own_s = e[s, s]`` is a lower bound on the row's sum. Rows with own_s >= OWN_FLOOR (all rows of any
-real encoder: it takes a spread of ~100 in logvar, or a 12-sigma sample, to fall below) are summed
+real encoder: it takes a spread of ~100 in logvar, or a 10-sigma sample, to fall below) are summed
 in float32 with no risk of underflow; the others take an exact float64 path.
 
 Each block is four in-place ops over a cache-sized buffer — sub, mul, addcmul, exp2 (after a clamp

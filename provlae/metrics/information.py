@@ -39,8 +39,8 @@ def level_information(mu, logvar, levels: Sequence[Sequence[int]], *, z=None, sa
     dev = torch.device(device or "cpu")
     groups.append(np.arange(j))  # the last group, all latents, gives mi_total
     with worker_threads(num_threads, dev) as workers, torch.no_grad():
-        calls = {g: (len(idx) * n * len(cols), partial(information, z[:, cols], mu[:, cols], logvar[:, cols], idx,
-                                                     device=dev, chunk=chunk)) for g, cols in enumerate(groups)}
+        calls = {g: (len(idx) * n * len(c), partial(information, z[:, c], mu[:, c], logvar[:, c], idx,
+                                                      device=dev, chunk=chunk)) for g, c in enumerate(groups)}
         mi = run_calls(calls, workers)
     out = {f"mi_z{g + 1}": mi[g] for g in range(len(groups) - 1)}
     out["mi_total"] = mi[len(groups) - 1]
@@ -66,7 +66,8 @@ def _groups(levels, n_latents: int) -> list[np.ndarray]:
         except TypeError:
             raise ValueError(f"levels[{l - 1}]: expected a list of latent indices, got {cols!r}") from None
         if cols.size == 0 or cols.dtype.kind not in "iu":
-            raise ValueError(f"levels[{l - 1}]: expected a non-empty list of integer indices, got {cols.tolist()}")
+            raise ValueError(f"levels[{l - 1}]: expected a non-empty list of integer indices, "
+                             f"got {cols.tolist()}")
         if cols.min() < 0 or cols.max() >= n_latents:
             raise ValueError(f"levels[{l - 1}]: indices {cols.tolist()} outside [0, {n_latents}) latents")
         groups.append(cols.astype(np.int64))

@@ -64,7 +64,8 @@ def mig_scores(mu, logvar, factors, factor_sizes: Sequence[int], *, z=None, samp
     idx = sample_points(n, samples, seed)
     dev = torch.device(device or "cpu")
     with worker_threads(num_threads, dev) as workers, torch.no_grad():
-        mi, entropy = mutual_information(z, mu, logvar, f, used, idx, device=dev, chunk=chunk, workers=workers)
+        mi, entropy = mutual_information(z, mu, logvar, f, used, idx, device=dev, chunk=chunk,
+                                         workers=workers)
     mi_norm = np.clip(mi, 0.0, None) / np.log(sizes)[None, :]  # NaN stays NaN in unused columns
     active = mu.var(0) > ACTIVE_VARIANCE
     per_factor = [_gap(mi_norm[:, k]) for k in used]
