@@ -21,6 +21,7 @@ from sweeps.trainable import train_trial, trial_config
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = "provlae_sweep.json"  # the grid a sweep folder was started with
 TABLE_METRICS = ("mig", "mig_sup", "factor_score", "recon_error")
+MAX_LISTED = 20  # failed trials listed in the summary: it stays one screen
 
 
 def run_sweep(configs: list[TrialConfig], args: argparse.Namespace, description: dict[str, Any]) -> int:
@@ -45,8 +46,10 @@ def run_sweep(configs: list[TrialConfig], args: argparse.Namespace, description:
         print(f"\n{unfinished} trial(s) did not finish: rerun the same command to resume the sweep.")
     if failures:
         print(f"\n{len(failures)} of {len(configs)} trial(s) failed:")
-        for name, error in failures:
+        for name, error in failures[:MAX_LISTED]:
             print(f"  {name}: {error}")
+        if len(failures) > MAX_LISTED:
+            print(f"  ... and {len(failures) - MAX_LISTED} more (each run's MLflow tag 'error' holds its error)")
     if not unfinished:
         tracking.end_parent(mlflow, parent, failed=len(failures))
     print(f"\nMLflow experiment {args.experiment!r} at {uri}, parent run {parent}")
