@@ -83,7 +83,8 @@ def disentanglement(enc: Encoding, factors: np.ndarray, factor_sizes: tuple[int,
                     seed: int, device) -> dict[str, float]:
     """MIG, MIG-sup, factor score, I(x; z_l) from one encoding (DESIGN §2.4)."""
     out: dict[str, float] = {"recon_error": enc.recon_error}
-    out.update({f"kl_z{l}": v for l, v in enc.kl.items()})
+    # "eval_": the training steps report kl_z<l> of their batch at the same global step
+    out.update({f"eval_kl_z{l}": v for l, v in enc.kl.items()})
     dev = str(device)
     info = metrics.level_information(enc.mu, enc.logvar, enc.levels, z=enc.z, samples=mi_samples, seed=seed,
                                      device=dev)

@@ -170,6 +170,7 @@ class Trainer:
     def final_metrics(self) -> dict[str, float]:
         """The last stage's evaluation plus the final training loss (model-derived numbers only)."""
         final = {k: v for k, v in self.history[-1].items() if k not in ("stage", "step")}
+        final.update({k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_kl_z")})
         final["loss"] = self.last_terms.get("loss", float("nan"))
         return final
 

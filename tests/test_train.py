@@ -52,6 +52,8 @@ def test_each_family_trains_reports_and_is_deterministic(family):
     for key in ("recon_error", "mig", "mig_sup", "factor_score", "mi_total", "loss", "active_units"):
         assert math.isfinite(m1[key]), key
     assert any(k.startswith("kl_z") for k in m1) and any(k.startswith("mi_z") for k in m1)
+    stage_ends = [e.metrics for e in events if e.kind == "stage_end"]
+    assert all(k.startswith("eval_") for m in stage_ends for k in m if "kl_z" in k)  # not the step keys
     m2 = Trainer(cfg).run()
     assert m1 == m2  # same seed, same numbers
     m3 = Trainer(tiny(family=family, seed=1)).run()
