@@ -201,61 +201,20 @@ def check_manifest(folder: str, spec: SearchSpec) -> bool:
 
 
 class Lockstep:
-    """The trainers of one configuration's seeds, advanced together a stage at a time.
-
-    Trainers draw from the process-global torch/numpy/python RNGs, so each seed's RNG state is parked
-    while another trains: every seed then follows exactly the numbers of a standalone run.
-    """
+    """The trainers of one configuration's seeds over one copy of the data, advanced together a stage at
+    a time. Each trainer owns its randomness, so every seed follows exactly the numbers of a run alone."""
 
     def __init__(self, configs: list[TrialConfig]):
         from provlae import data as datasets
         from provlae.train import Trainer
 
-        first = configs[0]  # the seeds differ only in `seed`: one copy of the data for all
+        first = configs[0]  # the seeds differ only in `seed`, never in the data
         data = datasets.load(first.dataset, path=first.data_path, subset=first.subset, seed=first.data_seed)
-        self.trainers, self.rng = [], []
-        for cfg in configs:
-            self.trainers.append(Trainer(cfg, dataset=data))  # seeds the global RNGs, initialises the model
-            self.rng.append(_rng_state())
+        self.trainers = [Trainer(cfg, dataset=data) for cfg in configs]
 
-    def train_to(self, i: int, step: int, callback=None) -> dict[str, float]:
-        """Advance seed i to global ``step``; its final metrics once it reaches the end, else {}."""
-        _set_rng_state(self.rng[i])
-        try:
-            return self.trainers[i].run(callback, until=step)
-        finally:
-            self.rng[i] = _rng_state()
-
-    def save(self, i: int, path: Path) -> None:
-        _set_rng_state(self.rng[i])  # the checkpoint records the global RNGs: this seed's
-        self.trainers[i].save_checkpoint(path)
-
-    def load(self, i: int, path: Path) -> None:
-        self.trainers[i].load_checkpoint(path)  # sets the global RNGs to the seed's saved ones
-        self.rng[i] = _rng_state()
-
-
-def _rng_state() -> dict:
-    import random
-
-    import numpy as np
-    import torch
-
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def train_to(self, j: int, step: int, callback=None) -> dict[str, float]:
+        """Advance seed j to global ``step``; its final metrics once it reaches the end, else {}."""
+        return self.trainers[j].run(callback, until=step)
 
 
 # ------------------------------------------------------------------------------ the trainable
@@ -345,7 +304,7 @@ def _restore(group: Lockstep | None, live: list[int], runs: list) -> int:
         for j, i in enumerate(live):
             path = folder / f"seed{i}.pt"
             if path.exists():
-                group.load(j, path)
+                group.trainers[j].load_checkpoint(path)
                 runs[i].resumed_at(group.trainers[j].step)
     return step
 
@@ -354,7 +313,7 @@ def _save(group: Lockstep | None, live: list[int], runs: list, folder: Path, ste
     for j, i in enumerate(live):
         if not runs[i].finished:
             runs[i].flush()  # before the checkpoint: a restore from it must find every earlier step stored
-            group.save(j, folder / f"seed{i}.pt")
+            group.trainers[j].save_checkpoint(folder / f"seed{i}.pt")
     (folder / CHECKPOINT_META).write_text(json.dumps({"step": step}))
 
 
@@ -427,6 +386,7 @@ def make_scheduler(spec: SearchSpec):
 
 
 def make_tuner(spec: SearchSpec, args: argparse.Namespace, ctx: tracking.TrackingContext, folder: str):
+    """(tuner, restored): the experiment restored from ``folder`` when Tune saved it there, else a new one."""
     from ray import tune
 
     trainable = tune.with_resources(
@@ -434,7 +394,7 @@ def make_tuner(spec: SearchSpec, args: argparse.Namespace, ctx: tracking.Trackin
                              threads=max(1, int(args.cpus_per_trial))),
         {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     if tune.Tuner.can_restore(folder):
-        return tune.Tuner.restore(folder, trainable=trainable, resume_errored=True)
+        return tune.Tuner.restore(folder, trainable=trainable, resume_errored=True), True
     return tune.Tuner(
         trainable,
         param_space={"trial": spec.base.to_dict()},
@@ -447,7 +407,7 @@ def make_tuner(spec: SearchSpec, args: argparse.Namespace, ctx: tracking.Trackin
             name=args.name, storage_path=args.storage, verbose=1, progress_reporter=reporter(spec),
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
-    )
+    ), False
 
 
 def reporter(spec: SearchSpec):
@@ -490,14 +450,17 @@ def run_search(spec: SearchSpec, args: argparse.Namespace) -> int:
     experiment_id = tracking.open_experiment(mlflow, args.experiment)
     parent = tracking.find_or_create_parent(mlflow, experiment_id, args.name, spec.describe())
     ctx = tracking.TrackingContext(uri, experiment_id, args.name, parent, tags=(SEARCH_TAG,))
+    mlflow.set_tag(parent, *SEARCH_TAG)
+    mlflow.log_dict(parent, search_document(spec), "search_space.json")
+    tuner, restored = make_tuner(spec, args, ctx, folder)
     if started:
-        print(f"resuming search {args.name!r} from {folder}: "
-              f"{len(ended_runs(mlflow, ctx))} of {spec.trials * len(spec.seeds)} trial runs already ended",
-              flush=True)
-    else:
-        mlflow.set_tag(parent, *SEARCH_TAG)
-        mlflow.log_dict(parent, search_document(spec), "search_space.json")
-    results = make_tuner(spec, args, ctx, folder).fit()
+        ended = f"{len(ended_runs(mlflow, ctx))} of {spec.trials * len(spec.seeds)} trial runs already ended"
+        if restored:
+            print(f"resuming search {args.name!r} from {folder} ({ended})", flush=True)
+        else:  # killed before Tune first saved its state: the seeded sampler proposes the same trials again
+            print(f"restarting search {args.name!r} in {folder}: no Tune state saved yet ({ended}; "
+                  f"their runs are found in MLflow, not retrained)", flush=True)
+    results = tuner.fit()
 
     rows = summarize(results, spec, ctx, mlflow)
     print(format_table(rows, spec))

@@ -1,0 +1,258 @@
+"""Adaptive search (sweeps/optuna_search.py): the search space, bad input, seeds in lockstep, the ASHA rungs,
+and two searches run through the real script on a local Ray with a sqlite MLflow store: a 4-trial smoke
+search, and a 6-trial search whose driver is SIGKILLed and which the same command resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import servers
+
+from provlae.config import TrialConfig
+from sweeps import search
+from sweeps.cli import run_main
+from sweeps.optuna_search import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# The smoke preset made smaller still: a pro_vlae trial trains 3 stages of 4 steps in a few seconds.
+TINY = {"steps_per_stage": 4, "log_every": 2, "batch_size": 16, "subset": 256, "mi_samples": 64,
+        "factor_train_votes": 20, "factor_eval_votes": 10, "hidden": 64, "channels": 16}
+
+
+def spec(family: str = "pro_vlae", objective: str = "mig_sup", mode: str | None = None, seeds=(0,),
+         **overrides) -> search.SearchSpec:
+    return search.build_spec("smoke", family, "dsprites", 4, objective, mode, list(seeds),
+                             {"device": "cpu", **overrides})
+
+
+# ------------------------------------------------------------------------------------- fast tests
+
+
+def test_pro_vlae_searches_beta_gamma_fade_in_and_lr():
+    s = spec()
+    assert list(s.space) == ["beta", "gamma", "fade_in_steps", "lr"]
+    beta, gamma, fade, lr = s.space.values()
+    assert (beta.low, beta.high, beta.log) == (0.5, 32.0, True)
+    assert (gamma.low, gamma.high, gamma.log) == (0.0, 1.0, False)
+    assert (fade.low, fade.high) == (0, s.base.steps_per_stage) == (0, 10)  # the smoke preset's stage
+    assert (lr.low, lr.high, lr.log) == (1e-4, 2e-3, True)
+    assert s.rungs == [10, 20] and s.mode == "max"
+
+
+@pytest.mark.parametrize("family", ["beta_vae", "vlae"])
+def test_single_stage_families_search_beta_and_lr_and_are_never_stopped_early(family):
+    s = spec(family)
+    assert list(s.space) == ["beta", "lr"]
+    assert s.rungs == []
+    assert type(search.make_scheduler(s)).__name__ == "FIFOScheduler"
+
+
+def test_set_fixes_a_field_and_takes_it_out_of_the_search():
+    s = spec(lr="1e-3", steps_per_stage="7")
+    assert "lr" not in s.space and s.base.lr == 1e-3
+    assert s.space["fade_in_steps"].high == 7
+    assert s.config_for({"beta": 2.0, "gamma": 0.1, "fade_in_steps": 3}, seed=5) == s.base.with_overrides(
+        {"beta": 2.0, "gamma": 0.1, "fade_in_steps": 3, "seed": 5})
+
+
+def test_objective_mode_defaults_to_min_for_recon_error_only():
+    assert spec(objective="recon_error").mode == "min"
+    assert spec(objective="factor_score").mode == "max"
+    assert spec(objective="recon_error", mode="max").mode == "max"
+
+
+@pytest.mark.parametrize("levels, steps", [(2, 10), (3, 10), (4, 7)])
+def test_asha_rungs_fall_on_stage_ends(levels, steps):
+    """The rungs Ray's AsyncHyperBandScheduler builds from our arguments are whole numbers of stages."""
+    s = spec(levels=str(levels), steps_per_stage=str(steps))
+    scheduler = search.make_scheduler(s)
+    (bracket,) = scheduler._brackets
+    milestones = sorted(m for m, _ in bracket._rungs if m < s.base.total_steps)
+    assert milestones == s.rungs == search.asha_milestones(steps, levels * steps)
+    assert milestones and all(m % steps == 0 for m in milestones)
+
+
+def test_a_configuration_trains_every_seed_and_reports_their_mean_at_stage_ends(provlae_home, tmp_path,
+                                                                                monkeypatch):
+    """search_trial in-process (Tune's session calls stubbed): one MLflow run per seed, a report per stage
+    end with the seed mean; run again (a configuration re-proposed after a resume), it trains nothing."""
+    import torch
+    from ray import tune
+
+    from sweeps import tracking
+
+    monkeypatch.setenv("PROVLAE_HOME", str(provlae_home))
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t0001"))
+    reports = []
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    exp = tracking.open_experiment(client, "lockstep")
+    parent = tracking.find_or_create_parent(client, exp, "lockstep", {})
+    ctx = tracking.TrackingContext(uri, exp, "lockstep", parent, tags=(search.SEARCH_TAG,))
+    config = {"trial": spec(objective="recon_error", **TINY).base.to_dict(), "beta": 2.0, "gamma": 0.3,
+              "fade_in_steps": 2, "lr": 1e-3}
+
+    threads = torch.get_num_threads()
+    try:
+        search.search_trial(config, ctx, seeds=[0, 1], objective="recon_error")
+    finally:
+        torch.set_num_threads(threads)
+    runs = {int(r.data.params["seed"]): r for r in client.search_runs([exp], "tags.`provlae.role` = 'trial'")}
+    assert sorted(runs) == [0, 1]
+    assert all(r.info.status == "FINISHED" and r.data.tags["search"] == "optuna" for r in runs.values())
+    assert [r["step"] for r in reports] == [4, 8, 12]
+    for report in reports:
+        per_seed = [next(m.value for m in client.get_metric_history(runs[s].info.run_id, "recon_error")
+                         if m.step == report["step"]) for s in (0, 1)]
+        assert [report["recon_error_s0"], report["recon_error_s1"]] == per_seed
+        assert report["recon_error"] == pytest.approx(sum(per_seed) / 2)
+    assert reports[-1]["mig_sup"] == pytest.approx(sum(r.data.metrics["mig_sup"] for r in runs.values()) / 2)
+
+    first, reports[:] = list(reports), []
+    monkeypatch.setattr(search, "Lockstep", None)  # building trainers would fail: nothing may train
+    search.search_trial(config, ctx, seeds=[0, 1], objective="recon_error")
+    assert [(r["step"], r["recon_error"]) for r in reports] == [(r["step"], r["recon_error"]) for r in first]
+    assert len(client.search_runs([exp], "tags.`provlae.role` = 'trial'")) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--family", "nope", "--dataset", "dsprites", "--trials", "4"], "unknown family 'nope'"),
+    (["--family", "pro_vlae", "--dataset", "dsprites", "--trials", "0"], "--trials must be >= 1"),
+    (["--family", "pro_vlae", "--dataset", "dsprites", "--trials", "4", "--objective", "loss_kl"],
+     "unknown objective 'loss_kl'"),
+    (["--family", "vlae", "--dataset", "celeba", "--trials", "4"], "needs ground-truth factors"),
+    (["--family", "vlae", "--dataset", "dsprites", "--trials", "4", "--seeds", "0,-1"], "non-negative"),
+    (["--family", "vlae", "--dataset", "dsprites", "--trials", "4", "--set", "beta=2", "--set", "lr=1e-3"],
+     "nothing left to search"),
+])
+def test_bad_input_is_one_error_line_before_ray_or_mlflow(argv, message, tmp_path, capsys):
+    import ray
+
+    store = tmp_path / "mlflow.db"
+    argv = [*argv, "--preset", "smoke", "--tracking-uri", f"sqlite:///{store}", "--storage", str(tmp_path)]
+    assert run_main(main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not store.exists() and not ray.is_initialized()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_prints_the_search(capsys):
+    assert main(["--family", "pro_vlae", "--dataset", "dsprites", "--trials", "4", "--preset", "smoke",
+                 "--seeds", "0,1,2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "mean over seeds 0,1,2" in out and "beta           loguniform(0.5, 32)" in out
+    assert "ASHA at stage ends, steps 10, 20" in out
+
+
+# ------------------------------------------------------------------------------ searches on Ray
+
+
+def search_cmd(store: Path, name: str, *extra: str) -> list[str]:
+    tiny = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+    return [sys.executable, "sweeps/optuna_search.py", "--dataset", "dsprites", "--preset", "smoke",
+            "--objective", "recon_error", "--name", name, "--experiment", name,
+            "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}", "--storage", str(store / "ray"), *tiny, *extra]
+
+
+def runs_of(store: Path, experiment: str) -> tuple:
+    """(parent run, trial runs) of a search's experiment."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None, []
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("provlae.role") == "sweep"]
+    return (parents[0] if parents else None), [r for r in runs if r.data.tags.get("provlae.role") == "trial"]
+
+
+def best_line(stdout: str) -> dict:
+    (line,) = [ln for ln in stdout.splitlines() if ln.startswith("best: ")]
+    return json.loads(line[len("best: "):])
+
+
+@pytest.mark.slow
+def test_smoke_search_tracks_each_trial_and_the_best(local_ray, provlae_home, tmp_path, capsys):
+    env = {**os.environ, "PROVLAE_HOME": str(provlae_home)}
+    cmd = search_cmd(tmp_path, "smoke", "--family", "pro_vlae", "--trials", "4", "--max-concurrent", "2",
+                     "--address", local_ray)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    parent, trials = runs_of(tmp_path, "smoke")
+    assert len(trials) == 4
+    assert len({r.data.params["beta"] for r in trials}) == 4
+    fields = set(TrialConfig.__dataclass_fields__)
+    for run in trials:
+        tags = run.data.tags
+        assert tags["search"] == "optuna" and tags["mlflow.parentRunId"] == parent.info.run_id
+        assert (tags["family"], tags["dataset"], tags["sweep"]) == ("pro_vlae", "dsprites", "smoke")
+        assert tags["ray_trial_id"] and set(run.data.params) == fields
+        assert run.info.status == "FINISHED" or (run.info.status == "KILLED" and "early_stopped" in tags)
+    finished = [r for r in trials if r.info.status == "FINISHED"]
+    top = min(finished, key=lambda r: r.data.metrics["recon_error"])
+
+    best = best_line(done.stdout)
+    assert best["run_ids"] == [top.info.run_id]
+    assert best["recon_error"] == top.data.metrics["recon_error"]
+    assert best["beta"] == float(top.data.params["beta"]) and best["lr"] == float(top.data.params["lr"])
+    assert {k: parent.data.params[f"best.{k}"] for k in ("beta", "gamma", "fade_in_steps", "lr")} == {
+        k: top.data.params[k] for k in ("beta", "gamma", "fade_in_steps", "lr")}
+    assert parent.data.metrics["best_recon_error"] == best["recon_error"]
+    assert parent.data.tags["search"] == "optuna" and parent.info.status == "FINISHED"
+    assert parent.data.params["space.beta"] == "loguniform(0.5, 32)"
+
+    from analysis.__main__ import main as analysis
+
+    capsys.readouterr()
+    assert analysis(["trials", "--experiment", "smoke", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                     "--objective", "recon_error", "--search", "optuna", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["run_id"] == top.info.run_id and len(rows) == len(finished)
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_the_study(local_ray, provlae_home, tmp_path):
+    """SIGKILL the driver once two trials finished; the same command finishes the study: 6 runs in all,
+    the first ones untouched."""
+    env = {**os.environ, "PROVLAE_HOME": str(provlae_home)}
+    cmd = search_cmd(tmp_path, "resume", "--family", "beta_vae", "--trials", "6", "--max-concurrent", "1",
+                     "--address", local_ray)
+
+    def finished_runs():
+        return [r for r in runs_of(tmp_path, "resume")[1] if r.info.status == "FINISHED"]
+
+    runs_of(tmp_path, "resume")  # create the store's tables now: polling must not race the driver doing it
+
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            servers.wait_for(lambda: len(finished_runs()) >= 2, 200, "two finished trial runs", interval=0.5,
+                             proc=proc)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    before = {r.info.run_id: r.info.end_time for r in finished_runs()}
+    assert 2 <= len(before) < 6
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resuming search 'resume'" in rerun.stdout
+    parent, trials = runs_of(tmp_path, "resume")
+    assert len(trials) == 6 and all(r.info.status == "FINISHED" for r in trials)
+    assert len({r.info.run_name for r in trials}) == 6  # six configurations, none trained twice
+    ended = {r.info.run_id: r.info.end_time for r in trials}
+    assert all(ended[run_id] == end for run_id, end in before.items())  # the first runs untouched
+    assert "6 of 6 trials finished" in rerun.stdout and parent.info.status == "FINISHED"
