@@ -475,6 +475,9 @@ def run_search(spec: SearchSpec, args: argparse.Namespace) -> int:
         if best is not None:
             record_best(mlflow, parent, best, spec)
         tracking.end_parent(mlflow, parent, failed=len(failed))
+    study = export_study(rows, spec, folder, args.name)
+    if study:
+        print(f"\nOptuna study {args.name!r} at {study} (optuna-dashboard, optuna.visualization)")
     if failed:
         print(f"\n{len(failed)} of {spec.trials} trial(s) failed:")
         for r in failed:
@@ -537,6 +540,32 @@ def summarize(results, spec: SearchSpec, ctx: tracking.TrackingContext, mlflow) 
             row["status"] = "UNFINISHED"
         rows.append(row)
     return rows
+
+
+def export_study(rows: list[dict], spec: SearchSpec, folder: str, name: str) -> str | None:
+    """The search's trials as an Optuna study in <folder>/optuna.db, rebuilt from Tune's results at the
+    end of every run (the study the search runs on lives in Tune's experiment state). Local folders only."""
+    if "://" in folder:
+        return None
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    uri = f"sqlite:///{Path(folder) / 'optuna.db'}"
+    states = {"FINISHED": TrialState.COMPLETE, "STOPPED": TrialState.PRUNED, "FAILED": TrialState.FAIL}
+    try:
+        optuna.delete_study(study_name=name, storage=uri)
+    except KeyError:  # not exported yet
+        pass
+    study = optuna.create_study(study_name=name, storage=uri,
+                                direction="minimize" if spec.mode == "min" else "maximize")
+    for r in (r for r in rows if r["status"] in states):
+        state, value = states[r["status"]], r["objective"]
+        study.add_trial(create_trial(
+            state=state, params=r["params"], distributions=spec.space,
+            value=value if state == TrialState.COMPLETE else None,
+            intermediate_values={int(r["step"]): value} if value is not None else None,
+            user_attrs={"ray_trial_id": r["trial_id"], "mlflow_run_ids": r["run_ids"]}))
+    return uri
 
 
 def best_row(rows: list[dict], spec: SearchSpec) -> dict | None:

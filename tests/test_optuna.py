@@ -213,6 +213,12 @@ def test_smoke_search_tracks_each_trial_and_the_best(local_ray, provlae_home, tm
     assert parent.data.tags["search"] == "optuna" and parent.info.status == "FINISHED"
     assert parent.data.params["space.beta"] == "loguniform(0.5, 32)"
 
+    import optuna
+
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path / 'ray' / 'smoke' / 'optuna.db'}")
+    assert len(study.trials) == 4 and study.best_value == best["recon_error"]
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == len(finished)
+
     from analysis.__main__ import main as analysis
 
     capsys.readouterr()
