@@ -5,6 +5,8 @@
 - ``tracking``  the MLflow contract: one parent run per sweep, exactly one child run per trial
 - ``trainable`` the thin Tune function trainable (config dict -> TrialConfig -> Trainer)
 - ``launch``    Ray start-up, Tuner creation or restore, and the end-of-sweep summary
+- ``search``    an adaptive search (Optuna TPE + ASHA) over one family and dataset, seeds in lockstep
 
-Scripts: ``sweeps/full_grid.py`` (the paper's grid).
+Scripts: ``sweeps/full_grid.py`` (the paper's grid), ``sweeps/optuna_search.py`` (the best β, γ,
+fade-in length and lr for one family and dataset).
 """
