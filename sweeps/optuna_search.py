@@ -41,7 +41,9 @@ again; a configuration whose runs finished after Tune's last save is proposed ag
 sampler, restored state) and its runs are found in MLflow instead of retrained. The study lives in
 Tune's experiment state rather than in an Optuna RDB storage because an RDB is not rolled back with
 Tune's last save: after a hard kill it would hold trials Tune never heard of and feed TPE a different
-history on resume. Checkpoints are taken at stage ends, so a retried configuration repeats at most a stage.
+history on resume. Checkpoints are taken at stage ends only (checkpoint_every does not apply: Tune
+takes a checkpoint with a result, and a result must carry the objective), so a retried configuration
+repeats at most a stage — for beta_vae and vlae, the whole run.
 
 Exit status: 0 every trial ended (finished or stopped early), 1 some failed or did not finish (rerun to
 resume), 2 a user error found before anything started.
@@ -71,7 +73,8 @@ DEFAULT_CONCURRENCY = 2
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Single-stage families (beta_vae, vlae) are never stopped early.")
+                                     epilog="Single-stage families (beta_vae, vlae) are never stopped early. "
+                                            "--max-concurrent defaults to 2 here.")
     parser.add_argument("--family", required=True, help="pro_vlae, vlae, beta_vae or teacher_student")
     parser.add_argument("--dataset", required=True, help="dsprites, shapes3d, mnist or celeba")
     parser.add_argument("--trials", type=int, required=True, help="configurations to try (>= 1)")
