@@ -88,9 +88,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = trainer.run(on_event)
     figures = trainer.write_figures(out / "figures")
     write_json_atomic(out / "config.json", cfg.to_dict())
+    # kl_z<l> of the result is the evaluated KL per level (eval_kl_z<l>), not the last batch's
+    kl = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_kl_z")}
     result = {
         "config": cfg.to_dict(),
-        "metrics": metrics,
+        "metrics": {**metrics, **kl},
         "stages": trainer.history,
         "figures": [str(p.relative_to(out)) for p in figures],
         "timing": {"run_s": time.perf_counter() - t0, "train_s": trainer.train_seconds},

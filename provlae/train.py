@@ -28,6 +28,7 @@ from provlae.errors import ConfigError, TrainingDiverged
 from provlae.evaluate import batches_to_float, disentanglement, encode
 from provlae.figures import information_per_stage, model_figures
 from provlae.models import LadderVAE, build_family
+from provlae.models.ladder import check_image_shape
 
 CHECKPOINT_VERSION = 1
 
@@ -57,6 +58,24 @@ def images_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return t if device.type == "cpu" else t.to(device)
 
 
+def check_data(cfg: TrialConfig) -> None:
+    """Refuse data a trial could not train on, before anything starts: a user's file is opened (which
+    validates it); a procedural dataset is checked from its spec, without rendering it."""
+    spec = datasets.DATASETS[cfg.dataset]
+    if cfg.data_path is not None:
+        full = datasets.load(cfg.dataset, path=cfg.data_path)
+        n, shape = len(full), full.image_shape
+    else:
+        h, w, c = spec.image_hwc
+        n, shape = int(np.prod(spec.factor_sizes)), (c, h, w)
+    if cfg.subset is not None and cfg.subset > n:
+        raise ConfigError(f"subset {cfg.subset} is larger than {cfg.dataset} ({n} images)")
+    if min(n, cfg.subset or n) < cfg.batch_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the dataset ({min(n, cfg.subset or n)} "
+                          f"images)")
+    check_image_shape(shape, cfg.levels)
+
+
 class Trainer:
     def __init__(self, cfg: TrialConfig, dataset=None):
         self.cfg = cfg
@@ -83,6 +102,7 @@ class Trainer:
         self.history: list[dict] = []  # evaluation at each stage end
         self.last_terms: dict[str, float] = {}
         self.train_seconds = 0.0
+        self._finite = torch.ones((), dtype=torch.bool, device=self.device)  # every loss so far finite
 
     # ------------------------------------------------------------------ the loop
     def run(self, callback: Callable[[Event], None] | None = None, until: int | None = None) -> dict[str, float]:
@@ -99,6 +119,10 @@ class Trainer:
                 self.stage = stage
                 self.family.begin_stage(self.model, stage)
             terms = self._train_step()
+            at_event = (self.step % cfg.log_every == 0 or self.step % per_stage == 0 or self.step == end
+                        or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0))
+            if at_event:  # never report, evaluate or checkpoint a diverged state
+                self._check_finite(terms["loss"])
             if self.step % cfg.log_every == 0 or self.step == total:
                 terms = {k: float(v) for k, v in terms.items()}  # a host sync only when logging
                 self.last_terms = terms
@@ -132,9 +156,7 @@ class Trainer:
         x = batches_to_float(self.images, self._next_indices(), self.data.pixel_scale, self.device)
         t = self.steps_into_stage
         out = self.family.loss(self.model, x, self.stage, t, generator=self.noise_gen)
-        if not torch.isfinite(out.loss):
-            raise TrainingDiverged(f"loss became {out.loss.item()} at step {self.step + 1} (stage {self.stage}) "
-                                   f"of {self.cfg.run_name}; lower lr or beta")
+        self._finite &= torch.isfinite(out.loss.detach())  # checked at the next event: no per-step sync
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         self.opt.step()
@@ -143,6 +165,11 @@ class Trainer:
         terms["alpha"] = self.family.alpha(self.stage, t)
         terms["stage"] = float(self.stage)
         return terms
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not bool(self._finite):
+            raise TrainingDiverged(f"loss became {float(loss)} by step {self.step} (stage {self.stage}) "
+                                   f"of {self.cfg.run_name}; lower lr or beta")
 
     @property
     def steps_into_stage(self) -> int:
@@ -153,7 +180,7 @@ class Trainer:
         n = self.images.shape[0]
         if self.cfg.eval_subset is None or self.cfg.eval_subset >= n:
             return torch.arange(n)
-        gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+        gen = torch.Generator().manual_seed(self.cfg.data_seed + 1)  # the same images for every seed
         return torch.randperm(n, generator=gen)[: self.cfg.eval_subset].sort().values
 
     def evaluate(self) -> dict[str, float]:
@@ -170,7 +197,6 @@ class Trainer:
     def final_metrics(self) -> dict[str, float]:
         """The last stage's evaluation plus the final training loss (model-derived numbers only)."""
         final = {k: v for k, v in self.history[-1].items() if k not in ("stage", "step")}
-        final.update({k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_kl_z")})
         final["loss"] = self.last_terms.get("loss", float("nan"))
         return final
 

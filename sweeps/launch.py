@@ -24,16 +24,30 @@ TABLE_METRICS = ("mig", "mig_sup", "factor_score", "recon_error")
 MAX_LISTED = 20  # failed trials listed in the summary: it stays one screen
 
 
+def check_trial_data(configs: list[TrialConfig]) -> None:
+    """Open each distinct dataset of the sweep once (a user's file is validated; procedural data is
+    checked from its spec), so bad data is one error before anything starts, not a failure per trial."""
+    from provlae.train import check_data
+
+    seen = set()
+    for cfg in configs:
+        key = (cfg.dataset, cfg.data_path, cfg.subset, cfg.batch_size, cfg.levels)
+        if key not in seen:
+            seen.add(key)
+            check_data(cfg)
+
+
 def run_sweep(configs: list[TrialConfig], args: argparse.Namespace, description: dict[str, Any]) -> int:
     """Run (or resume) the sweep; 0 when every trial finished, 1 when any failed."""
+    check_trial_data(configs)
     uri = tracking.normalize_uri(args.tracking_uri)
     tracking.check_reachable(uri)
+    mlflow = tracking.client(uri)
+    experiment_id = tracking.open_experiment(mlflow, args.experiment)  # a bad experiment: before Ray
     folder = f"{args.storage.rstrip('/')}/{args.name}"
     check_manifest(folder, configs)
 
     init_ray(args.address)
-    mlflow = tracking.client(uri)
-    experiment_id = tracking.open_experiment(mlflow, args.experiment)
     parent = tracking.find_or_create_parent(mlflow, experiment_id, args.name,
                                             {**description, "trials": len(configs)})
     ctx = tracking.TrackingContext(uri, experiment_id, args.name, parent)
@@ -69,7 +83,10 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        try:
+            ray.init(address=address)
+        except ConnectionError as e:
+            raise ConfigError(f"cannot connect to the Ray cluster at {address}: {last_line(str(e))}") from None
         return
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     # address="local": never silently join another user's `ray start` cluster on this machine.

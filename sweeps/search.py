@@ -438,16 +438,17 @@ def trial_id_of(dirname: str) -> str:
 
 def run_search(spec: SearchSpec, args: argparse.Namespace) -> int:
     """Run (or resume) the search; 0 when every trial ended (finished or stopped early), 1 otherwise."""
-    from sweeps.launch import init_ray, ui_hint
+    from sweeps.launch import check_trial_data, init_ray, ui_hint
 
+    check_trial_data([spec.base])
     uri = tracking.normalize_uri(args.tracking_uri)
     tracking.check_reachable(uri)
+    mlflow = tracking.client(uri)
+    experiment_id = tracking.open_experiment(mlflow, args.experiment)  # a bad experiment: before Ray
     folder = f"{args.storage.rstrip('/')}/{args.name}"
     started = check_manifest(folder, spec)
 
     init_ray(args.address)
-    mlflow = tracking.client(uri)
-    experiment_id = tracking.open_experiment(mlflow, args.experiment)
     parent = tracking.find_or_create_parent(mlflow, experiment_id, args.name, spec.describe())
     ctx = tracking.TrackingContext(uri, experiment_id, args.name, parent, tags=(SEARCH_TAG,))
     mlflow.set_tag(parent, *SEARCH_TAG)

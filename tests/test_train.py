@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from provlae.config import TrialConfig
-from provlae.errors import ConfigError, TrainingDiverged
-from provlae.train import Event, Trainer
+from provlae.errors import ConfigError, DataError, TrainingDiverged
+from provlae.models.ladder import check_image_shape
+from provlae.train import Event, Trainer, check_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="dsprites", subset=600, steps_per_stage=8, batch_size=16, log_every=4, fade_in_steps=4,
@@ -51,7 +52,7 @@ def test_each_family_trains_reports_and_is_deterministic(family):
     assert steps == sorted(set(steps)) and steps[-1] == cfg.total_steps
     for key in ("recon_error", "mig", "mig_sup", "factor_score", "mi_total", "loss", "active_units"):
         assert math.isfinite(m1[key]), key
-    assert any(k.startswith("kl_z") for k in m1) and any(k.startswith("mi_z") for k in m1)
+    assert any(k.startswith("eval_kl_z") for k in m1) and any(k.startswith("mi_z") for k in m1)
     stage_ends = [e.metrics for e in events if e.kind == "stage_end"]
     assert all(k.startswith("eval_") for m in stage_ends for k in m if "kl_z" in k)  # not the step keys
     m2 = Trainer(cfg).run()
@@ -106,6 +107,20 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # atomic write leaves no temp file
 
 
+def test_check_data_refuses_what_a_trial_could_not_train_on(tmp_path):
+    check_data(tiny())  # fine: nothing rendered, nothing raised
+    with pytest.raises(ConfigError, match="batch_size 700 is larger"):
+        check_data(tiny(batch_size=700))
+    with pytest.raises(ConfigError, match="subset 800000 is larger"):
+        check_data(tiny(subset=800_000))
+    npz = tmp_path / "bad.npz"
+    np.savez(npz, imgs=np.zeros((4, 64, 64), np.float32))
+    with pytest.raises(DataError, match="missing key"):
+        check_data(tiny(data_path=str(npz)))
+    with pytest.raises(ConfigError, match="divisible by 2"):
+        check_image_shape((1, 28, 28), 3)
+
+
 def test_divergence_raises_a_clear_error():
     with pytest.raises(TrainingDiverged, match="loss became"):
         Trainer(tiny(family="vlae", lr=1e30, steps_per_stage=30)).run()
@@ -123,7 +138,9 @@ def test_cli_writes_result_and_figures(tmp_path):
     assert r.returncode == 0, r.stderr
     result = json.loads((out / "result.json").read_text())
     assert result["config"]["family"] == "pro_vlae" and result["config"]["subset"] == 600
-    assert {"recon_error", "mig", "mig_sup", "factor_score", "mi_z1", "mi_total", "loss"} <= set(result["metrics"])
+    assert {"recon_error", "mig", "mig_sup", "factor_score", "mi_z1", "mi_total", "loss", "kl_z1", "kl_z3"} <= set(
+        result["metrics"])
+    assert result["metrics"]["kl_z2"] == result["metrics"]["eval_kl_z2"]
     assert "run_s" in result["timing"] and "run_s" not in result["metrics"]
     assert [s["stage"] for s in result["stages"]] == [0, 1, 2]
     names = {p.name for p in (out / "figures").iterdir()}

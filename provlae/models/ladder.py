@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from provlae.errors import ConfigError
+
 
 @dataclass
 class Gates:
@@ -43,6 +45,14 @@ class LadderOutput:
     z: list[torch.Tensor | None]  # the codes fed to the decoder (masked, before the dec gate)
 
 
+def check_image_shape(image_shape: tuple[int, int, int], levels: int) -> None:
+    """The ladder halves the side L+1 times down to the decoder's first feature map."""
+    _, size, width = image_shape
+    if size != width or size % 2 ** (levels + 1) or size < 2 ** (levels + 1):
+        raise ConfigError(f"images must be square with a side divisible by 2^(levels+1) = {2 ** (levels + 1)} "
+                          f"for levels={levels}, got {size}x{width}")
+
+
 def _conv(cin: int, cout: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 4, stride=2, padding=1)
 
@@ -55,11 +65,9 @@ class LadderVAE(nn.Module):
     def __init__(self, image_shape: tuple[int, int, int], level_dims: list[int], channels: int = 32,
                  hidden: int = 256):
         super().__init__()
-        c_in, size, width = image_shape
+        c_in, size, _ = image_shape
         levels = len(level_dims)
-        if size != width or size % 2 ** (levels + 1) or size < 2 ** (levels + 1):
-            raise ValueError(f"images must be square with a side divisible by 2^(levels+1) = "
-                             f"{2 ** (levels + 1)}, got {size}x{width}")
+        check_image_shape(image_shape, levels)
         self.image_shape = image_shape
         self.level_dims = list(level_dims)
         self.levels = levels
