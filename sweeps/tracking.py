@@ -167,6 +167,7 @@ class TrialRun:
     run_id: str
     status: str
     last_step: dict[str, int] = field(default_factory=dict)  # metric -> highest step stored
+    previous_error: str = ""  # the error tag an earlier attempt of this trial left
     _buffer: list = field(default_factory=list)
     _last_flush: float = field(default_factory=time.monotonic)
 
@@ -182,7 +183,8 @@ class TrialRun:
             trial = cls(mlflow, run.info.run_id, "RUNNING")
             trial._describe(cfg)
             return trial
-        trial = cls(mlflow, found.info.run_id, found.info.status)
+        trial = cls(mlflow, found.info.run_id, found.info.status,
+                    previous_error=found.data.tags.get(ERROR_TAG, ""))
         if found.info.status == "FINISHED":
             return trial
         if not found.data.params:  # died between creating the run and describing it

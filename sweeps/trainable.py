@@ -16,6 +16,7 @@ from typing import Any
 from ray import tune
 
 from provlae.config import TrialConfig
+from provlae.errors import TrainingDiverged
 from sweeps.tracking import TrackingContext, TrialRun
 
 CHECKPOINT_FILE = "trainer.pt"
@@ -40,6 +41,10 @@ def train_trial(config: dict[str, Any], tracking: TrackingContext, threads: int 
     if run.finished:  # an earlier attempt finished after Tune last saved its state: don't train again
         tune.report({**run.final_metrics(), "step": cfg.total_steps})
         return
+    if run.previous_error.startswith(TrainingDiverged.__name__):
+        # The replay from the last checkpoint is the same computation: it would diverge again.
+        run.fail(run.previous_error)
+        raise TrainingDiverged(run.previous_error.removeprefix(f"{TrainingDiverged.__name__}: "))
     try:
         final, step, stage = _train(cfg, run)
     except Exception as e:  # not SystemExit: that is Tune stopping the trial, which resumes later
