@@ -60,8 +60,7 @@ def encode(model: LadderVAE, family: Family, stage: int, t: int, images: torch.T
         logvar = torch.cat([logvar_l[l][:, d] for l, d in cols], 1)
         z = mu + torch.randn(mu.shape, device=device, generator=gen) * torch.exp(0.5 * logvar)
         # reconstruction from the posterior means, masked as in training
-        codes = [None if m is None else m * (1 if k is None else k) for m, k in zip(mu_l, gates.dim_mask)]
-        nll += bernoulli_nll(model.decode(codes, gates), x).sum().item()
+        nll += bernoulli_nll(model.decode(gates.masked(mu_l), gates), x).sum().item()
         for l, d in cols:
             m, lv = mu_l[l][:, d], logvar_l[l][:, d]
             kls[l] += (0.5 * (m.pow(2) + lv.exp() - 1 - lv)).sum().item()

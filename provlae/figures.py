@@ -57,7 +57,7 @@ def model_figures(model: LadderVAE, family: Family, stage: int, t: int, images: 
     idx = torch.randperm(images.shape[0], generator=gen)[:6]
     x = batches_to_float(images, idx, scale, device)
     mu, _ = model.encode(x, gates)
-    base = [None if m is None else m * (1 if k is None else k) for m, k in zip(mu, gates.dim_mask)]
+    base = gates.masked(mu)
     paths = []
     for l, dims in columns_in_use(family, stage):
         rows = []

@@ -206,7 +206,7 @@ class TeacherStudent(Family):
             t_mu, _ = self.teacher.encode(x, _all_on(self.L))
             y_t = t_mu[top][:, :k]  # (B, k)
             perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
-            d_t = self._delta(self.teacher, _pad(y_t, cfg, stage - 1), perm, k, stage - 1)
+            d_t = self._delta(self.teacher, _pad(y_t, cfg), perm, k, stage - 1)
         mu = out.mu[top]
         y_s = mu[:, :k]
         z_new = mu[:, k: k + cfg.z_dim]
@@ -243,6 +243,6 @@ def _all_on(levels: int) -> Gates:
     return Gates(enc=[1.0] * levels, dec=[1.0] * levels, dim_mask=[None] * levels)
 
 
-def _pad(y: torch.Tensor, cfg: TrialConfig, stage: int) -> torch.Tensor:
+def _pad(y: torch.Tensor, cfg: TrialConfig) -> torch.Tensor:
     """Teacher code (B, k) padded with zeros to the full code width."""
     return F.pad(y, (0, cfg.levels * cfg.z_dim - y.shape[1]))

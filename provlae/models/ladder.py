@@ -36,6 +36,10 @@ class Gates:
     dec: list[float]
     dim_mask: list[torch.Tensor | None]
 
+    def masked(self, codes: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Per-level codes with the latents not in use zeroed."""
+        return [c if c is None or m is None else c * m for c, m in zip(codes, self.dim_mask)]
+
 
 @dataclass
 class LadderOutput:
@@ -138,14 +142,10 @@ class LadderVAE(nn.Module):
                 generator: torch.Generator | None = None) -> LadderOutput:
         mus, logvars = self.encode(x, gates)
         zs = []
-        for mu, logvar, mask in zip(mus, logvars, gates.dim_mask):
-            if mu is None:
-                zs.append(None)
-                continue
-            if sample:
+        for mu, logvar in zip(mus, logvars):
+            if mu is not None and sample:
                 eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
-                z = mu + eps * torch.exp(0.5 * logvar)
-            else:
-                z = mu
-            zs.append(z if mask is None else z * mask)
+                mu = mu + eps * torch.exp(0.5 * logvar)
+            zs.append(mu)
+        zs = gates.masked(zs)
         return LadderOutput(self.decode(zs, gates), mus, logvars, zs)
