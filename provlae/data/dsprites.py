@@ -20,9 +20,8 @@ from typing import Iterator
 
 import numpy as np
 
-from provlae.data import cache
 from provlae.data.npyio import NpyStreamWriter, NpzReader, write_npy_chunks
-from provlae.data.registry import (Dataset, ProceduralSpec, check_array, check_grid, reduced_grid_classes,
+from provlae.data.registry import (ProceduralSpec, check_array, check_grid, reduced_grid_classes,
                                    register)
 from provlae.errors import DataError
 
@@ -99,6 +98,7 @@ class DSprites(ProceduralSpec):
     image_hwc = (SIZE, SIZE, 1)
     chunk = 8192
     default_filename = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
+    loader = "dsprites-npz-1"
     path_hint = "the dSprites .npz (imgs, latents_classes, latents_values, metadata)"
 
     # ------------------------------------------------------------------------------------- procedural
@@ -155,13 +155,6 @@ class DSprites(ProceduralSpec):
                 return "imgs.npy" in zf.namelist()
         except (zipfile.BadZipFile, OSError):
             return False
-
-    def open(self, path: Path, **options) -> Dataset:
-        parts = {"loader": "dsprites-npz-1", "source": cache.file_fingerprint(path)}
-        arrays, info = cache.cached_arrays(self.name, parts, ("images", "factors"),
-                                           lambda d: self._extract(path, d))
-        return Dataset(self.name, arrays["images"], arrays["factors"], self.factor_names,
-                       tuple(info["factor_sizes"]), self.pixel_scale, str(path))
 
     def _extract(self, path: Path, directory: Path) -> dict:
         """Validate a dSprites .npz and stream its images into an uncompressed .npy."""

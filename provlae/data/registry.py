@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
+from provlae.data import cache
 from provlae.errors import ConfigError, DataError
 
 
@@ -161,6 +162,20 @@ class ProceduralSpec(DatasetSpec):
     image_hwc: ClassVar[tuple[int, int, int]] = (64, 64, 1)  # rendered image (H, W, C)
     chunk: ClassVar[int] = 4096  # rows rendered at once
     default_filename: ClassVar[str] = ""  # the real file's name, used when generating into a directory
+    loader: ClassVar[str] = ""  # version of the real-file extraction: it keys the extracted cache
+
+    def open(self, path: Path, **options) -> Dataset:
+        """The user's real file, validated once and extracted into the cache as memory-mappable arrays."""
+        parts = {"loader": self.loader, "source": cache.file_fingerprint(path)}
+        arrays, info = cache.cached_arrays(self.name, parts, ("images", "factors"),
+                                           lambda d: self._extract(path, d))
+        return Dataset(self.name, arrays["images"], arrays["factors"], self.factor_names,
+                       tuple(info["factor_sizes"]), self.pixel_scale, str(path))
+
+    def _extract(self, path: Path, directory: Path) -> dict:
+        """Validate the real file and write images.npy / factors.npy into ``directory``; return info
+        holding ``factor_sizes``."""
+        raise NotImplementedError
 
     def render(self, classes: np.ndarray) -> np.ndarray:
         """(n, K) int factor classes -> (n, H, W) or (n, H, W, C) uint8 images."""

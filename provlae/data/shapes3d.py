@@ -26,7 +26,7 @@ import numpy as np
 
 from provlae.data import cache
 from provlae.data.npyio import write_npy_chunks
-from provlae.data.registry import (Dataset, ProceduralSpec, check_array, check_grid, register)
+from provlae.data.registry import (ProceduralSpec, check_array, check_grid, register)
 from provlae.errors import DataError
 
 HUES = np.arange(10) / 10.0
@@ -221,6 +221,7 @@ class Shapes3D(ProceduralSpec):
     image_hwc = (SIZE, SIZE, 3)
     chunk = 2400  # rows per chunk (5 floor/wall/object-hue blocks of the 480 geometries)
     default_filename = "3dshapes.h5"
+    loader = "shapes3d-h5-1"
     path_hint = "3dshapes.h5 (HDF5 with 'images' (N, 64, 64, 3) uint8 and 'labels' (N, 6) float64)"
 
     # ------------------------------------------------------------------------------------- procedural
@@ -261,13 +262,6 @@ class Shapes3D(ProceduralSpec):
             return False
         with open(path, "rb") as f:
             return f.read(8) == b"\x89HDF\r\n\x1a\n"
-
-    def open(self, path: Path, **options) -> Dataset:
-        parts = {"loader": "shapes3d-h5-1", "source": cache.file_fingerprint(path)}
-        arrays, info = cache.cached_arrays(self.name, parts, ("images", "factors"),
-                                           lambda d: self._extract(path, d))
-        return Dataset(self.name, arrays["images"], arrays["factors"], self.factor_names,
-                       tuple(info["factor_sizes"]), self.pixel_scale, str(path))
 
     def _extract(self, path: Path, directory: Path) -> dict:
         import h5py
