@@ -17,6 +17,8 @@ from provlae.errors import ConfigError
 FAMILIES = ("beta_vae", "vlae", "pro_vlae", "teacher_student")
 DATASETS = ("dsprites", "shapes3d", "mnist", "celeba")
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float64", "bfloat16")  # bfloat16: autocast for training; loss and evaluation in float32
+COMPILE_MODES = ("none", "torch")  # torch: the training step's loss through torch.compile
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class TrialConfig:
     data_path: str | None = None  # a real dataset file; None: the procedural generator
     data_seed: int = 0  # picks the subset; fixed across trial seeds so every seed sees the same images
     device: str = "auto"
+    dtype: str = "float32"
+    tf32: bool = False  # TF32 matmuls and convolutions on CUDA (set for the whole process)
+    compile: str = "none"
     checkpoint_every: int = 0  # steps between mid-stage checkpoints (0: stage ends only)
     log_every: int = 50  # steps between progress events
     mi_samples: int = 10000  # sample points of the MI estimator (MIG, MIG-sup, I(x; z_l))
@@ -111,6 +116,9 @@ class TrialConfig:
         need(self.dataset in DATASETS, f"unknown dataset {self.dataset!r} (choose from {', '.join(DATASETS)})")
         need(self.device in DEVICES or self.device.startswith("cuda:"),
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        need(self.dtype in DTYPES, f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
+        need(self.compile in COMPILE_MODES,
+             f"unknown compile mode {self.compile!r} (choose from {', '.join(COMPILE_MODES)})")
         for name in ("beta", "lr"):
             v = getattr(self, name)
             need(math.isfinite(v) and v > 0, f"{name} must be a finite number > 0, got {v}")

@@ -26,10 +26,11 @@ class Encoding:
     kl: dict[int, float]  # mean KL per level in use
 
 
-def batches_to_float(images: torch.Tensor, idx: torch.Tensor, scale: float, device) -> torch.Tensor:
-    """uint8 (N,H,W,C) rows -> float (B,C,H,W) in [0,1] on `device`."""
+def batches_to_float(images: torch.Tensor, idx: torch.Tensor, scale: float, device,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (N,H,W,C) rows -> (B,C,H,W) in [0,1] on `device`, in `dtype`."""
     x = images[idx].to(device, non_blocking=True)
-    return x.permute(0, 3, 1, 2).float().mul_(scale)
+    return x.permute(0, 3, 1, 2).to(dtype).mul_(scale)
 
 
 def columns_in_use(family: Family, stage: int) -> list[tuple[int, list[int]]]:
@@ -46,35 +47,42 @@ def columns_in_use(family: Family, stage: int) -> list[tuple[int, list[int]]]:
 @torch.no_grad()
 def encode(model: LadderVAE, family: Family, stage: int, t: int, images: torch.Tensor, scale: float,
            index: torch.Tensor, device, seed: int, batch_size: int = 512) -> Encoding:
-    """Encode `index` rows with the model as trained so far: stage `stage`, `t` steps into it (alpha)."""
+    """Encode `index` rows with the model as trained so far: stage `stage`, `t` steps into it (alpha).
+
+    Everything stays on the device until the end (one copy to the host, no per-batch round trips)."""
     was_training = model.training
     model.eval()
+    dtype = next(model.parameters()).dtype
     gates = family.gates(stage, t, device)
     cols = columns_in_use(family, stage)
     gen = torch.Generator(device=device).manual_seed(seed)
-    mus, logvars, zs, nll, kls = [], [], [], 0.0, {l: 0.0 for l, _ in cols}
+    mus, logvars, zs, nll, kls = [], [], [], [], {l: [] for l, _ in cols}
     for start in range(0, len(index), batch_size):
-        x = batches_to_float(images, index[start:start + batch_size], scale, device)
+        x = batches_to_float(images, index[start:start + batch_size], scale, device, dtype)
         mu_l, logvar_l = model.encode(x, gates)
         mu = torch.cat([mu_l[l][:, d] for l, d in cols], 1)
         logvar = torch.cat([logvar_l[l][:, d] for l, d in cols], 1)
         z = mu + torch.randn(mu.shape, device=device, generator=gen) * torch.exp(0.5 * logvar)
         # reconstruction from the posterior means, masked as in training
-        nll += bernoulli_nll(model.decode(gates.masked(mu_l), gates), x).sum().item()
+        nll.append(bernoulli_nll(model.decode(gates.masked(mu_l), gates), x).sum())
         for l, d in cols:
             m, lv = mu_l[l][:, d], logvar_l[l][:, d]
-            kls[l] += (0.5 * (m.pow(2) + lv.exp() - 1 - lv)).sum().item()
-        mus.append(mu.cpu())
-        logvars.append(logvar.cpu())
-        zs.append(z.cpu())
+            kls[l].append((0.5 * (m.pow(2) + lv.exp() - 1 - lv)).sum())
+        mus.append(mu)
+        logvars.append(logvar)
+        zs.append(z)
     model.train(was_training)
     n = len(index)
     levels, pos = [], 0
     for _, d in cols:
         levels.append(list(range(pos, pos + len(d))))
         pos += len(d)
-    return Encoding(torch.cat(mus).numpy(), torch.cat(logvars).numpy(), torch.cat(zs).numpy(), levels,
-                    [l + 1 for l, _ in cols], nll / n, {l + 1: v / n for l, v in kls.items()})
+    # sums in float64 whatever the model's dtype; one transfer each
+    sums = torch.stack([torch.stack(nll).double().sum()] + [torch.stack(v).double().sum() for v in kls.values()])
+    sums = sums.cpu().tolist()
+    return Encoding(torch.cat(mus).cpu().numpy(), torch.cat(logvars).cpu().numpy(), torch.cat(zs).cpu().numpy(),
+                    levels, [l + 1 for l, _ in cols], sums[0] / n,
+                    {l + 1: v / n for l, v in zip(kls, sums[1:])})
 
 
 def disentanglement(enc: Encoding, factors: np.ndarray, factor_sizes: tuple[int, ...], *,

@@ -19,7 +19,7 @@ TRAVERSAL = np.linspace(-2.5, 2.5, 9)
 
 def _to_rgb(probs: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) in [0,1] -> (B, H, W, 3)."""
-    img = probs.permute(0, 2, 3, 1).cpu().numpy()
+    img = probs.permute(0, 2, 3, 1).float().cpu().numpy()
     return np.repeat(img, 3, axis=3) if img.shape[3] == 1 else img
 
 
@@ -53,9 +53,10 @@ def model_figures(model: LadderVAE, family: Family, stage: int, t: int, images: 
     was_training = model.training
     model.eval()
     gates = family.gates(stage, t, device)  # alpha as trained, t steps into the stage
+    dtype = next(model.parameters()).dtype
     gen = torch.Generator(device="cpu").manual_seed(seed)
     idx = torch.randperm(images.shape[0], generator=gen)[:6]
-    x = batches_to_float(images, idx, scale, device)
+    x = batches_to_float(images, idx.to(images.device), scale, device, dtype)
     mu, _ = model.encode(x, gates)
     base = gates.masked(mu)
     paths = []
@@ -70,7 +71,7 @@ def model_figures(model: LadderVAE, family: Family, stage: int, t: int, images: 
         rows = []
         for i in range(len(idx)):  # one row per image: resample z_l from the prior, keep the others
             codes = [None if c is None else c[i:i + 1].repeat(8, 1) for c in base]
-            noise = torch.randn(8, codes[l].shape[1], generator=gen).to(device)
+            noise = torch.randn(8, codes[l].shape[1], generator=gen).to(device, dtype)
             codes[l] = noise if gates.dim_mask[l] is None else noise * gates.dim_mask[l]
             rows.append(_to_rgb(torch.sigmoid(model.decode(codes, gates))))
         paths.append(_save(_grid(rows), f"z{l + 1} sampled from the prior, other levels fixed",

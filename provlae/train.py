@@ -6,7 +6,13 @@ The trainer knows nothing of Ray or MLflow. It reports through ``callback(Event)
   "stage_end"   at the end of each stage: evaluation metrics (the state may be saved now)
   "end"         once, with the final metrics
 Checkpoints hold model, optimizer, family state (teacher), stage, step, the batch order and every RNG
-state, so a resumed run ends bitwise identical to an uninterrupted one on CPU.
+state, so a resumed run ends bitwise identical to an uninterrupted one on the same device type (CPU: always;
+CUDA: with tf32 off, up to cuDNN's nondeterministic kernels). A checkpoint also resumes on another device
+type: the batch order carries over, but a generator's state is device-specific, so the posterior noise then
+continues on a fresh stream seeded from (seed, step), and the numbers differ from an uninterrupted run.
+
+One ``Trainer`` is one trial; ``provlae.fused.FusedTrainer`` trains several as one batched network and
+drives the same per-trial bookkeeping (``enter_stage``, ``after_step``), so a fused member is a trainer too.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from provlae.models import LadderVAE, build_family
 from provlae.models.ladder import check_image_shape
 
 CHECKPOINT_VERSION = 1
+PARAM_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}
 
 
 @dataclass
@@ -49,13 +56,62 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_precision(cfg: TrialConfig, device: torch.device) -> None:
+    """Refuse a dtype the device cannot run, before anything is built."""
+    if cfg.dtype != "bfloat16":
+        return
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"dtype bfloat16: {torch.cuda.get_device_name(device)} does not support it")
+    if device.type == "cpu" and not _cpu_has_bf16():
+        raise ConfigError("dtype bfloat16: this CPU has no bfloat16 support (AVX512-BF16 or AMX); "
+                          "use float32, or a GPU")
+
+
+def _cpu_has_bf16() -> bool:
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check and check())
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for CUDA matmuls and convolutions, on or off explicitly (the process-wide switch)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+_DEVICE_IMAGES: dict[tuple, tuple[np.ndarray, torch.Tensor]] = {}  # one device copy of a dataset per process
+
+
 def images_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """The uint8 (N,H,W,C) images as a tensor: zero-copy over the (memory-mapped) array on CPU, the
-    whole set resident on the GPU otherwise (batches are then indexed there)."""
+    whole set resident on the GPU otherwise (batches are then indexed there). On a GPU the copy is kept
+    per process and shared by every trainer over the same array (fused members, reused Tune actors)."""
     with warnings.catch_warnings():  # read-only memory map: the trainer never writes to it
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(images)
-    return t if device.type == "cpu" else t.to(device)
+    if device.type == "cpu":
+        return t
+    key = (_array_identity(images), str(device))
+    if key not in _DEVICE_IMAGES:
+        _DEVICE_IMAGES.clear()  # a new dataset replaces the last one (a reused actor's next trial)
+        check_device_memory(device, t.numel() * t.element_size(), "the dataset's images")
+        _DEVICE_IMAGES[key] = (images, t.to(device))  # the array is kept: its id stays unique
+    return _DEVICE_IMAGES[key][1]
+
+
+def _array_identity(images: np.ndarray) -> tuple:
+    """What names an image array: its memory-mapped file (the cache), else the array object itself."""
+    filename = getattr(images, "filename", None) or getattr(getattr(images, "base", None), "filename", None)
+    return (str(filename), images.shape) if filename else (id(images), images.shape)
+
+
+def check_device_memory(device: torch.device, nbytes: int, what: str, headroom: float = 1.1) -> None:
+    """ConfigError naming ``what`` unless ``nbytes`` (plus 10%) fits in the device's free memory."""
+    if device.type != "cuda":
+        return
+    free, total = torch.cuda.mem_get_info(device)
+    if nbytes * headroom > free:
+        raise ConfigError(f"{what} ({nbytes / 2**30:.2f} GiB) do not fit on {device} "
+                          f"({free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB)")
 
 
 def check_data(cfg: TrialConfig) -> None:
@@ -80,88 +136,136 @@ class Trainer:
     def __init__(self, cfg: TrialConfig, dataset=None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        check_precision(cfg, self.device)
+        if self.device.type == "cuda":
+            set_tf32(cfg.tf32)
         self.data = dataset if dataset is not None else datasets.load(
             cfg.dataset, path=cfg.data_path, subset=cfg.subset, seed=cfg.data_seed)
         if len(self.data) < cfg.batch_size:
             raise ConfigError(f"batch_size {cfg.batch_size} is larger than the dataset ({len(self.data)} images)")
         self.images = images_tensor(self.data.images, self.device)
+        self.dtype = PARAM_DTYPES[cfg.dtype]
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
         self.family = build_family(cfg)
         self.model = LadderVAE(self.data.image_shape, self.family.level_dims(), cfg.channels,
-                               cfg.hidden).to(self.device)
+                               cfg.hidden).to(self.device, self.dtype)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         # The trainer owns its randomness, so trainers sharing a process never perturb each other.
-        self.batch_gen = torch.Generator().manual_seed(cfg.seed)  # the order of training images
+        self.batch_gen = torch.Generator().manual_seed(cfg.seed)  # the order of training images (CPU)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)  # z samples
-        self.perm: torch.Tensor | None = None
+        self.perm: torch.Tensor | None = None  # this epoch's order, on the CPU (checkpointed)
+        self._perm_on_device: torch.Tensor | None = None  # the same, moved once per epoch
         self.pos = 0
         self.step = 0
         self.stage = -1  # entered at the first step
         self.history: list[dict] = []  # evaluation at each stage end
         self.last_terms: dict[str, float] = {}
         self.train_seconds = 0.0
+        self.resumed_across_devices = False
         self._finite = torch.ones((), dtype=torch.bool, device=self.device)  # every loss so far finite
+        self._clock = (time.perf_counter(), 0)  # (time, step) the img/s and train_seconds count from
+        self._loss = self.family.loss if cfg.compile == "none" else torch.compile(self.family.loss)
 
     # ------------------------------------------------------------------ the loop
     def run(self, callback: Callable[[Event], None] | None = None, until: int | None = None) -> dict[str, float]:
         """Train to the end and return the final metrics. With ``until``, pause once that many global
         steps are done (e.g. a stage end) and return {}: a later call continues as if never paused."""
         cb = callback or (lambda event: None)
-        cfg, total, per_stage = self.cfg, self.cfg.total_steps, self.cfg.stage_steps
+        end = self.end_step(until)
         self.model.train()
-        end = total if until is None else min(until, total)
-        t0, n0 = time.perf_counter(), self.step
+        self.start_clock()
         while self.step < end:
-            stage = self.step // per_stage
-            if stage != self.stage:
-                self.stage = stage
-                self.family.begin_stage(self.model, stage)
-            terms = self._train_step()
-            at_event = (self.step % cfg.log_every == 0 or self.step % per_stage == 0 or self.step == end
-                        or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0))
-            if at_event:  # never report, evaluate or checkpoint a diverged state
-                self._check_finite(terms["loss"])
-            if self.step % cfg.log_every == 0 or self.step == total:
-                terms = {k: float(v) for k, v in terms.items()}  # a host sync only when logging
-                self.last_terms = terms
-                elapsed = time.perf_counter() - t0
-                img_s = (self.step - n0) * cfg.batch_size / max(elapsed, 1e-9)
-                cb(Event("step", self.step, self.stage, {**terms, "img_s": img_s}))
-            if self.step % per_stage == 0:
-                self.train_seconds += time.perf_counter() - t0
-                result = self.evaluate()
-                self.history.append({"stage": self.stage, "step": self.step, **result})
-                cb(Event("stage_end", self.step, self.stage, {**result, "stage": float(self.stage)}))
-                t0, n0 = time.perf_counter(), self.step
-            elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                cb(Event("checkpoint", self.step, self.stage))
-        if self.step < total:  # paused at `until`
+            self.enter_stage()
+            self.after_step(self._train_step(), cb, end)
+        return self.finish(cb)
+
+    def end_step(self, until: int | None) -> int:
+        return self.cfg.total_steps if until is None else min(until, self.cfg.total_steps)
+
+    def start_clock(self) -> None:
+        self._clock = (time.perf_counter(), self.step)
+
+    def enter_stage(self) -> None:
+        """Enter the stage the next step belongs to (the family's stage hook runs once per stage)."""
+        stage = self.step // self.cfg.stage_steps
+        if stage != self.stage:
+            self.stage = stage
+            self.family.begin_stage(self.model, stage)
+
+    def needs_state(self, end: int) -> bool:
+        """Whether the step just taken ends in an event that reads the model or saves the state."""
+        cfg, step = self.cfg, self.step
+        return (step % cfg.stage_steps == 0 or step == end
+                or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0))
+
+    def after_step(self, terms: dict, cb: Callable[[Event], None], end: int) -> None:
+        """The events of the step just taken: progress, stage-end evaluation, checkpoint."""
+        cfg, per_stage, total = self.cfg, self.cfg.stage_steps, self.cfg.total_steps
+        at_event = (self.step % cfg.log_every == 0 or self.step % per_stage == 0 or self.step == end
+                    or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0))
+        if at_event:  # never report, evaluate or checkpoint a diverged state
+            self._check_finite(terms["loss"])
+        if self.step % cfg.log_every == 0 or self.step == total:
+            terms = {k: float(v) for k, v in terms.items()}  # a host sync only when logging
+            self.last_terms = terms
+            t0, n0 = self._clock
+            img_s = (self.step - n0) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+            cb(Event("step", self.step, self.stage, {**terms, "img_s": img_s}))
+        if self.step % per_stage == 0:
+            self.train_seconds += time.perf_counter() - self._clock[0]
+            result = self.evaluate()
+            self.history.append({"stage": self.stage, "step": self.step, **result})
+            cb(Event("stage_end", self.step, self.stage, {**result, "stage": float(self.stage)}))
+            self.start_clock()
+        elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            cb(Event("checkpoint", self.step, self.stage))
+
+    def finish(self, cb: Callable[[Event], None]) -> dict[str, float]:
+        if self.step < self.cfg.total_steps:  # paused at `until`
             return {}
         final = self.final_metrics()
         cb(Event("end", self.step, self.stage, final))
         return final
 
-    def _next_indices(self) -> torch.Tensor:
+    def next_indices(self) -> torch.Tensor:
+        """The next batch's rows, on the images' device. The order is drawn on the CPU once per epoch (the
+        same order on every device) and moved once, so a step never waits for the host."""
         n, b = self.images.shape[0], self.cfg.batch_size
         if self.perm is None or self.pos + b > n:  # a new epoch (the incomplete tail is dropped)
             self.perm = torch.randperm(n, generator=self.batch_gen)
+            self._perm_on_device = None
             self.pos = 0
-        idx = self.perm[self.pos:self.pos + b]
+        if self._perm_on_device is None:
+            self._perm_on_device = self.perm.to(self.images.device)
+        idx = self._perm_on_device[self.pos:self.pos + b]
         self.pos += b
-        return idx.to(self.images.device)
+        return idx
+
+    def next_batch(self) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1], in the parameters' dtype."""
+        return batches_to_float(self.images, self.next_indices(), self.data.pixel_scale, self.device, self.dtype)
+
+    def autocast(self):
+        """bfloat16 autocast for the forward pass (the loss terms are widened to float32); else nothing."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16")
 
     def _train_step(self) -> dict[str, torch.Tensor | float]:
-        x = batches_to_float(self.images, self._next_indices(), self.data.pixel_scale, self.device)
+        x = self.next_batch()
         t = self.steps_into_stage
-        out = self.family.loss(self.model, x, self.stage, t, generator=self.noise_gen)
+        noise = self.family.draw_noise(self.model, self.stage, x.shape[0], self.noise_gen)
+        with self.autocast():
+            out = self._loss(self.model, x, self.stage, t, noise=noise)
         self._finite &= torch.isfinite(out.loss.detach())  # checked at the next event: no per-step sync
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         self.opt.step()
         self.step += 1
-        terms = {k: v.detach() for k, v in out.terms.items()}
+        return self.step_terms(out.terms, t)
+
+    def step_terms(self, terms: dict, t: int) -> dict[str, torch.Tensor | float]:
+        terms = {k: v.detach() for k, v in terms.items()}
         terms["alpha"] = self.family.alpha(self.stage, t)
         terms["stage"] = float(self.stage)
         return terms
@@ -218,6 +322,7 @@ class Trainer:
             "family": self.family.state_dict(),
             "step": self.step,
             "stage": self.stage,
+            "device_type": self.device.type,  # the noise generator's state is only valid on this type
             "perm": self.perm,
             "pos": self.pos,
             "history": self.history,
@@ -250,7 +355,9 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False), path)
+
+    def load_state_dict(self, state: dict, path: str | Path = "<state>") -> None:
         if state.get("version") != CHECKPOINT_VERSION:
             raise ConfigError(f"checkpoint {path} has version {state.get('version')}, "
                               f"expected {CHECKPOINT_VERSION}")
@@ -263,14 +370,19 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.family.load_state_dict(state["family"], self.model)
         self.step, self.stage, self.pos = state["step"], state["stage"], state["pos"]
-        self.perm = state["perm"]
+        self.perm = None if state["perm"] is None else state["perm"].cpu()
+        self._perm_on_device = None
         self.history, self.last_terms = state["history"], state["last_terms"]
         self.train_seconds = state["train_seconds"]
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
-        if rng["cuda"] is not None and torch.cuda.is_available():
+        if rng["cuda"] is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         self.batch_gen.set_state(rng["batches"].cpu())
-        self.noise_gen.set_state(rng["noise"].cpu())
+        if state.get("device_type", "cpu") == self.device.type:
+            self.noise_gen.set_state(rng["noise"].cpu())
+        else:  # written on another device type: its generator state means nothing here
+            self.noise_gen.manual_seed(self.cfg.seed + 1 + 1_000_003 * self.step)
+            self.resumed_across_devices = True

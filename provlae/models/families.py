@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -42,6 +43,11 @@ class LossOutput:
 def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-image negative log-likelihood, summed over pixels: (B,)."""
     return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision activations (bfloat16 autocast) widened to float32 for the loss; others as they are."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,23 +92,39 @@ class Family:
         active = set(self.active_levels(stage))
         return [self.cfg.beta if l in active else 0.0 for l in range(self.L)]
 
+    # ---------------------------------------------------------------- what differs between trials
+    def coefficients(self, stage: int) -> dict[str, Any]:
+        """The trial's own weights in the loss at this stage. A fused group (provlae/fused.py) stacks
+        them per member, so everything else in ``loss`` must depend only on fields the members share."""
+        return {"kl": self.kl_weights(stage)}
+
+    def draw_noise(self, model: LadderVAE, stage: int, batch: int, generator: torch.Generator | None = None,
+                   device=None) -> dict[str, Any]:
+        """Every random number of one training step, in the order the step uses them."""
+        device = device if device is not None else next(model.parameters()).device
+        return {"eps": model.draw_noise(batch, generator, device=device)}
+
     # ---------------------------------------------------------------- objective
     def loss(self, model: LadderVAE, x: torch.Tensor, stage: int, t: int,
-             generator: torch.Generator | None = None) -> LossOutput:
-        """``generator`` draws all of the step's randomness (posterior samples, permutations)."""
+             generator: torch.Generator | None = None, noise: dict | None = None,
+             coef: dict | None = None) -> LossOutput:
+        """``noise`` (``draw_noise``) holds the step's randomness; without it, it is drawn from
+        ``generator``. ``coef`` (``coefficients``) the trial's weights; without it, this family's own."""
+        if noise is None:
+            noise = self.draw_noise(model, stage, x.shape[0], generator, device=x.device)
+        coef = self.coefficients(stage) if coef is None else coef
         gates = self.gates(stage, t, x.device)
-        out = model(x, gates, generator=generator)
-        recon = bernoulli_nll(out.logits, x).mean()
+        out = model(x, gates, eps=noise["eps"])
+        recon = bernoulli_nll(wide(out.logits), x).mean()
         terms = {"recon": recon}
         total = recon
-        for l, w in enumerate(self.kl_weights(stage)):
+        for l in range(self.L):
             if out.mu[l] is None:
                 continue
-            kl = gaussian_kl(out.mu[l], out.logvar[l], gates.dim_mask[l])
+            kl = gaussian_kl(wide(out.mu[l]), wide(out.logvar[l]), gates.dim_mask[l])
             terms[f"kl_z{l + 1}"] = kl
-            if w:
-                total = total + w * kl
-        extra = self.extra_loss(model, x, out, stage, generator)
+            total = total + coef["kl"][l] * kl  # a weight of 0 adds exactly 0
+        extra = self.extra_loss(model, x, out, stage, noise, coef)
         for k, v in extra.items():
             terms[k] = v
             total = total + v
@@ -110,7 +132,11 @@ class Family:
         return LossOutput(total, terms)
 
     def extra_loss(self, model: LadderVAE, x: torch.Tensor, out: LadderOutput, stage: int,
-                   generator: torch.Generator | None = None) -> dict:
+                   noise: dict, coef: dict) -> dict:
+        return {}
+
+    def frozen_modules(self) -> dict[str, LadderVAE]:
+        """Networks the loss reads but does not train (a teacher): a fused group stacks them too."""
         return {}
 
     # ---------------------------------------------------------------- stage boundaries and state
@@ -196,26 +222,41 @@ class TeacherStudent(Family):
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self.teacher_stage = stage
 
+    def frozen_modules(self) -> dict[str, LadderVAE]:
+        return {} if self.teacher is None else {"teacher": self.teacher}
+
+    def coefficients(self, stage: int) -> dict[str, Any]:
+        cfg = self.cfg
+        return {**super().coefficients(stage), "lambda_y": cfg.lambda_y, "lambda_xcov": cfg.lambda_xcov,
+                "lambda_jac": cfg.lambda_jac}
+
+    def draw_noise(self, model: LadderVAE, stage: int, batch: int, generator: torch.Generator | None = None,
+                   device=None) -> dict[str, Any]:
+        noise = super().draw_noise(model, stage, batch, generator, device)
+        if stage > 0:  # the permutation of the Jacobian term, drawn after the posterior samples
+            noise["perm"] = torch.randperm(batch, device=noise["eps"][-1].device, generator=generator)
+        return noise
+
     def extra_loss(self, model: LadderVAE, x: torch.Tensor, out: LadderOutput, stage: int,
-                   generator: torch.Generator | None = None) -> dict:
+                   noise: dict, coef: dict) -> dict:
         if stage == 0:
             return {}
         cfg, top = self.cfg, self.L - 1
         k = stage * cfg.z_dim  # inherited dims
+        perm = noise["perm"]
         with torch.no_grad():
             t_mu, _ = self.teacher.encode(x, _all_on(self.L))
-            y_t = t_mu[top][:, :k]  # (B, k)
-            perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
+            y_t = wide(t_mu[top][:, :k])  # (B, k)
             d_t = self._delta(self.teacher, _pad(y_t, cfg), perm, k, stage - 1)
-        mu = out.mu[top]
+        mu = wide(out.mu[top])
         y_s = mu[:, :k]
         z_new = mu[:, k: k + cfg.z_dim]
         d_s = self._delta(model, mu * self._mask(stage, x.device), perm, k, stage)
         yc, nc = y_s - y_s.mean(0), z_new - z_new.mean(0)
         xcov = (nc.T @ yc / x.shape[0]).norm() / x.shape[0]  # ||cov(z_new, y_S)||_F / B
-        return {"ts_y": cfg.lambda_y * (y_t - y_s).pow(2).mean(),
-                "ts_xcov": cfg.lambda_xcov * xcov,
-                "ts_jac": cfg.lambda_jac * (d_t - d_s).pow(2).mean()}
+        return {"ts_y": coef["lambda_y"] * (y_t - y_s).pow(2).mean(),
+                "ts_xcov": coef["lambda_xcov"] * xcov,
+                "ts_jac": coef["lambda_jac"] * (d_t - d_s).pow(2).mean()}
 
     def _delta(self, net: LadderVAE, code: torch.Tensor, perm: torch.Tensor, k: int, stage: int):
         """D(code) - D(code with its first k dims permuted within the batch), as probabilities."""
@@ -224,7 +265,7 @@ class TeacherStudent(Family):
         gates = self.gates(stage, 0, code.device)
         zs = [None] * (self.L - 1)
         both = torch.cat([code, swapped])
-        probs = torch.sigmoid(net.decode(zs + [both], gates))
+        probs = torch.sigmoid(wide(net.decode(zs + [both], gates)))
         a, b = probs.chunk(2)
         return a - b
 

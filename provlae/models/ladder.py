@@ -138,14 +138,27 @@ class LadderVAE(nn.Module):
             g = F.elu(self.dec_convs[l](inp))
         return self.out_conv(g)
 
+    def draw_noise(self, batch: int, generator: torch.Generator | None = None, dtype=None,
+                   device=None) -> list[torch.Tensor | None]:
+        """The posterior noise of one forward pass, per level (lowest first; None without latents):
+        what ``forward`` would draw from ``generator``, drawn ahead so a fused group can stack it."""
+        p = next(self.parameters())
+        dtype, device = dtype or p.dtype, device or p.device
+        return [None if d == 0 else torch.randn((batch, d), device=device, dtype=dtype, generator=generator)
+                for d in self.level_dims]
+
     def forward(self, x: torch.Tensor, gates: Gates, sample: bool = True,
-                generator: torch.Generator | None = None) -> LadderOutput:
+                generator: torch.Generator | None = None,
+                eps: list[torch.Tensor | None] | None = None) -> LadderOutput:
+        """``eps``: the noise per level (``draw_noise``); without it, drawn here from ``generator``."""
         mus, logvars = self.encode(x, gates)
+        if sample and eps is None:
+            eps = [None if mu is None else torch.randn(mu.shape, device=mu.device, dtype=mu.dtype,
+                                                       generator=generator) for mu in mus]
         zs = []
-        for mu, logvar in zip(mus, logvars):
+        for l, (mu, logvar) in enumerate(zip(mus, logvars)):
             if mu is not None and sample:
-                eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
-                mu = mu + eps * torch.exp(0.5 * logvar)
+                mu = mu + eps[l].to(mu.dtype) * torch.exp(0.5 * logvar)  # reparametrisation, (B, z_l)
             zs.append(mu)
         zs = gates.masked(zs)
         return LadderOutput(self.decode(zs, gates), mus, logvars, zs)
