@@ -178,7 +178,7 @@ class Trainer:
         self.start_clock()
         while self.step < end:
             self.enter_stage()
-            self.after_step(self._train_step(), cb, end)
+            self.after_step(self.train_step(), cb, end)
         return self.finish(cb)
 
     def end_step(self, until: int | None) -> int:
@@ -251,7 +251,7 @@ class Trainer:
         """bfloat16 autocast for the forward pass (the loss terms are widened to float32); else nothing."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16")
 
-    def _train_step(self) -> dict[str, torch.Tensor | float]:
+    def train_step(self) -> dict[str, torch.Tensor | float]:
         x = self.next_batch()
         t = self.steps_into_stage
         noise = self.family.draw_noise(self.model, self.stage, x.shape[0], self.noise_gen)
