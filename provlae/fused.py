@@ -19,6 +19,7 @@ group; the others go on with the same numbers.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -52,8 +53,8 @@ def check_group(configs: list[TrialConfig]) -> None:
     """ConfigError unless ``configs`` can train as one group."""
     if not configs:
         raise ConfigError("a fused group needs at least one trial config")
-    names = [c.run_name for c in configs]
-    twice = sorted({n for n in names if names.count(n) > 1})
+    keys = [member_key(c) for c in configs]
+    twice = sorted({c.run_name for c, k in zip(configs, keys) if keys.count(k) > 1})
     if twice:
         raise ConfigError(f"a fused group holds the same trial twice: {', '.join(twice)}")
     first = shared_fields(configs[0])
@@ -63,6 +64,13 @@ def check_group(configs: list[TrialConfig]) -> None:
         if differ:
             raise ConfigError(f"{cfg.run_name} cannot share a fused group with {configs[0].run_name}: they differ "
                               f"in {', '.join(differ)} (members may differ only in {', '.join(MEMBER_FIELDS)})")
+
+
+def member_key(cfg: TrialConfig) -> str:
+    """A member's name in a group checkpoint: its run name and a digest of its whole config (run names
+    alone do not tell apart members that differ only in gamma or the lambdas)."""
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cfg.run_name}-{digest}"
 
 
 def make_groups(configs: list[TrialConfig], size: int) -> list[list[TrialConfig]]:
@@ -201,18 +209,18 @@ class FusedTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, folder: str | Path) -> Path:
-        """One solo-format checkpoint per live member (``<run_name>.pt``) and ``group.json``, which names
+        """One solo-format checkpoint per live member (``<member_key>.pt``) and ``group.json``, which names
         them and the failed members with their errors. Any member file resumes alone in a ``Trainer``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self._write_back()
         members = []
         for i, m in enumerate(self.members):
-            entry = {"run_name": m.cfg.run_name, "config": m.cfg.to_dict()}
+            entry = {"key": member_key(m.cfg), "run_name": m.cfg.run_name, "config": m.cfg.to_dict()}
             if i in self.failed:
                 entry["error"] = f"{type(self.failed[i]).__name__}: {self.failed[i]}"
             else:
-                entry["file"] = f"{m.cfg.run_name}.pt"
+                entry["file"] = f"{entry['key']}.pt"
                 m.save_checkpoint(folder / entry["file"])
             members.append(entry)
         _write_json_atomic(folder / GROUP_FILE, {"version": GROUP_VERSION, "step": self.step,
@@ -229,9 +237,9 @@ class FusedTrainer:
             raise ConfigError(f"fused checkpoint {folder}: cannot read {GROUP_FILE} ({e})") from None
         if group.get("version") != GROUP_VERSION:
             raise ConfigError(f"fused checkpoint {folder}: version {group.get('version')}, expected {GROUP_VERSION}")
-        saved = {e["run_name"]: e for e in group["members"]}
+        saved = {e["key"]: e for e in group["members"]}
         for i, m in enumerate(self.members):
-            entry = saved.get(m.cfg.run_name)
+            entry = saved.get(member_key(m.cfg))
             if entry is None:
                 continue
             if "error" in entry:
@@ -284,6 +292,8 @@ class _Stack:
             return  # no step taken yet
         stacked = {}
         for j in range(len(self.names)):
+            if j not in states[0]["state"]:  # never had a gradient (alike in every member: same steps)
+                continue
             per = [s["state"][j] for s in states]
             stacked[j] = {"step": per[0]["step"].clone(),
                           **{k: torch.stack([p[k] for p in per]) for k in per[0] if k != "step"}}

@@ -2,8 +2,9 @@
 
 Global std of each latent's mean from `global_samples` random points (ddof 1); latents with std below
 `std_threshold` are pruned. One vote: pick a factor k at random (among factors of size > 1), one of
-its values present in the data, and `batch_size` points sharing that value (without replacement,
-with replacement when the slice is smaller); divide their codes by the global std, take the variance
+its values held by at least two points of the data, and `batch_size` points sharing that value
+(without replacement, with replacement when the slice is smaller; a one-point slice would give every latent
+a variance of 0, and the vote would go to whichever latent rounding favours); divide their codes by the global std, take the variance
 of each active latent over the batch (ddof 1); the vote is (argmin latent, k). A majority-vote
 classifier maps each latent to its most frequent factor among the training votes; the score is its
 accuracy on fresh evaluation votes. With no active latent (or no factor to fix) the score is 0.
@@ -36,11 +37,11 @@ def factor_score(mu, factors, factor_sizes: Sequence[int], *, batch_size: int = 
     rows = rng.choice(n, global_samples, replace=False) if n > global_samples else np.arange(n)
     global_std = mu[rows].std(0, ddof=1)
     active = np.flatnonzero(global_std >= std_threshold)
-    voting = [k for k in range(f.shape[1]) if sizes[k] > 1]
+    groups = {k: _groups(f[:, k]) for k in range(f.shape[1]) if sizes[k] > 1}
+    voting = [k for k, g in groups.items() if g[1].size]
     if active.size == 0 or not voting:
         return {"factor_score": 0.0, "factor_train_acc": 0.0, "active_dims": float(active.size)}
     scaled = mu[:, active] / global_std[active]  # (N, A)
-    groups = {k: _groups(f[:, k]) for k in voting}
     train_dim, train_k = _votes(rng, scaled, groups, voting, int(train_votes), int(batch_size))
     eval_dim, eval_k = _votes(rng, scaled, groups, voting, int(eval_votes), int(batch_size))
     counts = np.zeros((active.size, f.shape[1]), dtype=np.int64)
@@ -52,10 +53,11 @@ def factor_score(mu, factors, factor_sizes: Sequence[int], *, batch_size: int = 
 
 
 def _groups(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Points sorted by value, and the start and size of each present value's run."""
+    """Points sorted by value, and the start and size of the run of each value held by two points or more."""
     order = np.argsort(values, kind="stable")
     _, starts, counts = np.unique(values[order], return_index=True, return_counts=True)
-    return order, starts, counts
+    keep = counts >= 2
+    return order, starts[keep], counts[keep]
 
 
 def _votes(rng, scaled, groups, voting, n_votes: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

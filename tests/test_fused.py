@@ -1,0 +1,251 @@
+"""Fused trial groups against the solo trainer, the reference: float64 on CPU, the batched kernels (the GPU's
+path) forced, every logged term at every step, every stage-end metric and the final parameters within
+relative 1e-7; divergence isolation; group resume after SIGKILL; a member's checkpoint resumed solo."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from provlae import data as datasets
+from provlae.config import TrialConfig
+from provlae.errors import ConfigError, TrainingDiverged
+from provlae.fused import FusedTrainer, check_group, make_groups, member_key
+from provlae.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+RTOL = 1e-7
+BASE = dict(dataset="dsprites", subset=400, steps_per_stage=5, batch_size=16, log_every=1, fade_in_steps=3,
+            mi_samples=150, factor_train_votes=40, factor_eval_votes=20, eval_subset=300, dtype="float64",
+            device="cpu")
+# three members that differ in everything a member may: seed, beta, gamma, the teacher-student lambdas
+MEMBERS = [dict(seed=0, beta=1.0, gamma=0.5, lambda_y=1.0, lambda_jac=1.0),
+           dict(seed=3, beta=4.0, gamma=0.1, lambda_y=0.5, lambda_jac=2.0),
+           dict(seed=7, beta=2.0, gamma=0.0, lambda_y=2.0, lambda_jac=0.5)]
+
+
+@pytest.fixture(autouse=True)
+def _home(provlae_home, monkeypatch):
+    monkeypatch.setenv("PROVLAE_HOME", str(provlae_home))
+
+
+def configs(family: str, **kw) -> list[TrialConfig]:
+    return [TrialConfig.from_dict({**BASE, "family": family, **m, **kw}) for m in MEMBERS]
+
+
+def recorder(store: list):
+    return lambda event: store.append((event.kind, event.step, {k: v for k, v in event.metrics.items()
+                                                                if k != "img_s"}))
+
+
+_SOLO: dict = {}
+
+
+def solo(cfg: TrialConfig):
+    """(events, final parameters) of the solo trainer, computed once per config."""
+    key = json.dumps(cfg.to_dict(), sort_keys=True)
+    if key not in _SOLO:
+        events, trainer = [], Trainer(cfg)
+        trainer.run(recorder(events))
+        _SOLO[key] = (events, {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    return _SOLO[key]
+
+
+def fused_events(fz: FusedTrainer, **kw) -> list[list]:
+    events = [[] for _ in fz.members]
+    fz.run(lambda i, e: recorder(events[i])(e), **kw)
+    return events
+
+
+def assert_close_events(got: list, want: list) -> None:
+    assert [(k, s) for k, s, _ in got] == [(k, s) for k, s, _ in want]
+    for (kind, step, a), (_, _, b) in zip(got, want):
+        assert a.keys() == b.keys(), (kind, step)
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=RTOL, abs=1e-12), (kind, step, key)
+
+
+def assert_close_params(model, want: dict) -> None:
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), want[name], rtol=RTOL, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("family", ["beta_vae", "vlae", "pro_vlae", "teacher_student"])
+def test_batched_group_reproduces_each_solo_trial(family):
+    cfgs = configs(family)
+    fz = FusedTrainer(cfgs, kernels="batched")
+    events = fused_events(fz)
+    assert not fz.failed
+    for i, cfg in enumerate(cfgs):
+        want_events, want_params = solo(cfg)
+        kinds = [k for k, _, _ in want_events]
+        assert kinds.count("stage_end") == cfg.num_stages and kinds.count("step") == cfg.total_steps
+        assert_close_events(events[i], want_events)
+        assert_close_params(fz.members[i].model, want_params)
+    # the members really differ: the group did not train one network three times
+    assert events[0][-1][2]["loss"] != events[1][-1][2]["loss"]
+
+
+def test_sequential_group_is_the_solo_computation():
+    cfgs = configs("pro_vlae")[:2]
+    fz = FusedTrainer(cfgs, kernels="sequential")
+    events = fused_events(fz)
+    for i, cfg in enumerate(cfgs):
+        assert events[i] == solo(cfg)[0]  # bitwise: the same steps in the same order
+
+
+def test_a_diverging_member_is_retired_alone():
+    cfgs = configs("pro_vlae")
+    fz = FusedTrainer(cfgs, kernels="batched")
+    with torch.no_grad():  # member 1's log-variance head starts at exp(1000) = inf: its first loss is inf
+        fz.members[1].model.heads[-1][-1].bias.fill_(1000.0)
+    events = fused_events(fz)
+    assert list(fz.failed) == [1] and isinstance(fz.failed[1], TrainingDiverged)
+    assert "loss became inf" in str(fz.failed[1]) and cfgs[1].run_name in str(fz.failed[1])
+    assert events[1][-1][0] == "failed" and [k for k, _, _ in events[1]] == ["failed"]
+    for i in (0, 2):
+        assert_close_events(events[i], solo(cfgs[i])[0])
+        assert_close_params(fz.members[i].model, solo(cfgs[i])[1])
+
+
+def test_member_checkpoint_resumes_in_the_solo_trainer(tmp_path):
+    cfgs = configs("teacher_student", checkpoint_every=3)
+    fz = FusedTrainer(cfgs, kernels="batched")
+    fz.run(until=8)  # mid-stage 1: the teacher exists, Adam has state
+    folder = fz.save_checkpoint(tmp_path / "group")
+    group = json.loads((folder / "group.json").read_text())
+    assert group["step"] == 8 and [m["run_name"] for m in group["members"]] == [c.run_name for c in cfgs]
+    single = Trainer(cfgs[2])
+    single.load_checkpoint(folder / f"{member_key(cfgs[2])}.pt")
+    assert single.step == 8
+    events = []
+    single.run(recorder(events))
+    want_events, want_params = solo(cfgs[2])
+    assert_close_events(events, [e for e in want_events if e[1] > 8])
+    assert_close_params(single.model, want_params)
+    # and the group resumed from the same folder ends like the uninterrupted group
+    again = FusedTrainer(cfgs, kernels="batched")
+    again.load_checkpoint(folder)
+    assert fused_events(again)[0] == [e for e in _uninterrupted(cfgs)[0] if e[1] > 8]
+
+
+_GROUPS: dict = {}
+
+
+def _uninterrupted(cfgs):
+    key = tuple(c.run_name for c in cfgs) + (cfgs[0].family, cfgs[0].checkpoint_every)
+    if key not in _GROUPS:
+        _GROUPS[key] = fused_events(FusedTrainer(cfgs, kernels="batched"))
+    return _GROUPS[key]
+
+
+GROUP_SCRIPT = """
+import json, sys
+from pathlib import Path
+from provlae.config import TrialConfig
+from provlae.fused import FusedTrainer
+cfgs = [TrialConfig.from_dict(c) for c in json.loads(Path(sys.argv[1]).read_text())]
+folder = Path(sys.argv[2])
+fz = FusedTrainer(cfgs, kernels="batched")
+if (folder / "group.json").exists():
+    fz.load_checkpoint(folder)
+    print("resumed at", fz.step, flush=True)
+def on_checkpoint(step):
+    fz.save_checkpoint(folder)
+    print("checkpoint", step, flush=True)
+finals = fz.run(on_checkpoint=on_checkpoint)
+Path(sys.argv[3]).write_text(json.dumps(finals))
+"""
+
+
+def test_group_resumes_after_sigkill_with_the_same_numbers(tmp_path):
+    cfgs = configs("pro_vlae", checkpoint_every=2, steps_per_stage=8, log_every=4)
+    (tmp_path / "cfgs.json").write_text(json.dumps([c.to_dict() for c in cfgs]))
+    (tmp_path / "run.py").write_text(GROUP_SCRIPT)
+    args = [sys.executable, str(tmp_path / "run.py"), str(tmp_path / "cfgs.json"), str(tmp_path / "ckpt"),
+            str(tmp_path / "finals.json")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        for line in proc.stdout:  # kill once a mid-stage checkpoint past stage 0 is on disk
+            if line.startswith("checkpoint") and int(line.split()[1]) >= 10 or time.monotonic() > deadline:
+                break
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = json.loads((tmp_path / "ckpt" / "group.json").read_text())["step"]
+    assert 10 <= killed_at < cfgs[0].total_steps
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed at {killed_at}" in resumed.stdout
+    finals = json.loads((tmp_path / "finals.json").read_text())
+    straight = FusedTrainer(cfgs, kernels="batched").run()
+    assert finals == straight  # bitwise on CPU
+
+
+def test_groups_are_formed_only_from_compatible_trials():
+    a, b, c = configs("vlae")
+    other = a.with_overrides({"lr": 1e-3, "seed": 9})
+    with pytest.raises(ConfigError, match=r"differ in lr"):
+        check_group([a, other])
+    with pytest.raises(ConfigError, match="same trial twice"):
+        check_group([a, a])
+    groups = make_groups([a, other, b, c], 2)
+    assert [[g.run_name for g in grp] for grp in groups] == [[a.run_name, b.run_name], [c.run_name],
+                                                           [other.run_name]]
+    with pytest.raises(ConfigError, match="at least one member"):
+        make_groups([a], 0)
+    with pytest.raises(ConfigError, match="unknown fused kernels"):
+        FusedTrainer([a], kernels="fast")
+
+
+def test_bad_precision_settings_are_refused(monkeypatch, capsys):
+    from provlae import __main__ as cli
+    from provlae import train
+
+    for field, value, message in (("dtype", "float16", "unknown dtype"), ("compile", "yes", "unknown compile")):
+        with pytest.raises(ConfigError, match=message):
+            TrialConfig.from_dict({**BASE, field: value})
+    monkeypatch.setattr(train, "_cpu_has_bf16", lambda: False)
+    with pytest.raises(ConfigError, match="no bfloat16 support"):
+        Trainer(TrialConfig.from_dict({**BASE, "dtype": "bfloat16"}))
+    code = cli.main(["train", "--set", "dtype=bfloat16", "--set", "device=cpu", "--set", "subset=400",
+                     "--out", "/nonexistent/never-made"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().startswith("error: dtype bfloat16")
+    assert not Path("/nonexistent/never-made").exists()
+
+
+def test_bfloat16_trains_with_the_loss_in_float32():
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no bfloat16 support")
+    cfg = TrialConfig.from_dict({**BASE, "family": "vlae", "dtype": "bfloat16", "steps_per_stage": 2})
+    trainer = Trainer(cfg)
+    terms = trainer.train_step()
+    assert next(trainer.model.parameters()).dtype == torch.float32  # autocast: weights stay float32
+    assert terms["loss"].dtype == torch.float32 and torch.isfinite(terms["loss"])
+
+
+def test_checkpoint_from_another_device_type_resumes(tmp_path, monkeypatch):
+    cfg = TrialConfig.from_dict({**BASE, "family": "vlae", "dtype": "float32"})
+    first = Trainer(cfg)
+    first.run(until=3)
+    state = first.state_dict()
+    state["device_type"] = "cuda"  # as written on a GPU node: its noise generator state is not a CPU one
+    torch.save(state, tmp_path / "gpu.pt")
+    again = Trainer(cfg)
+    again.load_checkpoint(tmp_path / "gpu.pt")
+    assert again.resumed_across_devices and again.step == 3
+    assert torch.equal(again.perm, first.perm) and again.pos == first.pos  # the batch order carries over
+    assert all(torch.isfinite(torch.tensor(v)) for v in again.run().values())
+    data = datasets.load(cfg.dataset, subset=cfg.subset, seed=cfg.data_seed)
+    same = Trainer(cfg, dataset=data)
+    same.load_state_dict(first.state_dict())
+    assert not same.resumed_across_devices
