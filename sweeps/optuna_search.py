@@ -13,11 +13,14 @@ the base for every trial; setting a searched field fixes it and takes it out of 
 ones, so more in flight means a more random search.
 
 Seeds. Every configuration trains on each of --seeds (default: 0) and is scored by the mean of the
-objective over them. TPE proposes one configuration per Tune trial, so the seeds train inside that trial,
-in lockstep (stage 1 of every seed, then stage 2, ...: the mean exists at every stage end), each seed's
-numbers exactly those of a standalone run. Each seed is its own MLflow child run, so one Tune trial
-makes len(--seeds) runs: exactly one per (configuration, seed), across retries and resumes — the unit
-that analysis/ ranks and averages (the seed mean is also reported to Tune as the objective).
+objective over them. TPE proposes one configuration per Tune trial, so the seeds train inside that trial
+as one fused group (provlae/fused.py), a stage at a time (the mean exists at every stage end), each
+seed's numbers those of a standalone run: exactly on a CPU (the seeds' steps in turn), to float rounding
+on a GPU (one batched step for all seeds). A seed that diverges fails the configuration: its run ends
+FAILED with the error, and so do the other seeds' unfinished runs. Each seed is its own MLflow child run,
+so one Tune trial makes len(--seeds) runs: exactly one per (configuration, seed), across retries and
+resumes — the unit that analysis/ ranks and averages (the seed mean is also reported to Tune as the
+objective).
 
 Early stopping. For the progressive families (pro_vlae, teacher_student) an ASHA scheduler may stop a
 configuration at a stage end — the only points where the objective exists — when its seed mean is in

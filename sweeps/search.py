@@ -5,9 +5,11 @@ over a few of its fields (``build_space``) propose the rest; every proposed conf
 of the search's seeds, and scores the mean over them of one of the trainer's stage-end metrics.
 
 The Tune side:
-- ``search_trial``: one Tune trial = one configuration. It trains the configuration's seeds in lockstep,
-  a stage at a time (``Lockstep``), each seed in its own MLflow child run, and reports to Tune once per
-  stage end: the seed mean of the objective, with a checkpoint that holds every seed's trainer.
+- ``search_trial``: one Tune trial = one configuration. Its seeds train as one fused group
+  (``provlae.fused.FusedTrainer``: every member exactly its seed's solo trial), a stage at a time, each
+  seed in its own MLflow child run, and it reports to Tune once per stage end: the seed mean of the
+  objective, with the group's checkpoint (one solo-format file per seed). A seed that diverges fails the
+  configuration.
 - ``make_tuner``: OptunaSearch (seeded TPE) behind a ConcurrencyLimiter, ASHA at stage ends, or the
   experiment restored from its folder (searcher and scheduler state included).
 - ``run_search``: the parent run, the fit, the end-of-search table and the best configuration.
@@ -20,11 +22,14 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from provlae.config import TrialConfig
 from provlae.errors import ConfigError
 from sweeps import grid, tracking
+
+if TYPE_CHECKING:
+    from provlae.fused import FusedTrainer
 
 # The trainer's stage-end metrics that every family reports at every stage end (mi_z<l> and kl_z<l>
 # are left out: a progressive family does not have every level at its first stages).
@@ -37,7 +42,7 @@ LR_RANGE = (1e-4, 2e-3)  # log-uniform
 REDUCTION_FACTOR = 2  # ASHA: rungs at S, 2S, 4S, ... steps, so every rung is a stage end (see make_scheduler)
 MANIFEST = "provlae_search.json"  # the search a sweep folder was started with
 SEARCH_TAG = ("search", "optuna")
-CHECKPOINT_META = "lockstep.json"
+CHECKPOINT_META = "search.json"  # beside the fused group's checkpoint: the step it was taken at
 
 
 # ------------------------------------------------------------------------------------ the search
@@ -197,26 +202,6 @@ def check_manifest(folder: str, spec: SearchSpec) -> bool:
     return False
 
 
-# ------------------------------------------------------------------------- seeds in lockstep
-
-
-class Lockstep:
-    """The trainers of one configuration's seeds over one copy of the data, advanced together a stage at
-    a time. Each trainer owns its randomness, so every seed follows exactly the numbers of a run alone."""
-
-    def __init__(self, configs: list[TrialConfig]):
-        from provlae import data as datasets
-        from provlae.train import Trainer
-
-        first = configs[0]  # the seeds differ only in `seed`, never in the data
-        data = datasets.load(first.dataset, path=first.data_path, subset=first.subset, seed=first.data_seed)
-        self.trainers = [Trainer(cfg, dataset=data) for cfg in configs]
-
-    def train_to(self, j: int, step: int, callback=None) -> dict[str, float]:
-        """Advance seed j to global ``step``; its final metrics once it reaches the end, else {}."""
-        return self.trainers[j].run(callback, until=step)
-
-
 # ------------------------------------------------------------------------------ the trainable
 
 
@@ -224,10 +209,16 @@ def search_trial(config: dict[str, Any], tracking_ctx: tracking.TrackingContext,
                  objective: str, threads: int = 1) -> None:
     """One configuration (the searcher's sampled fields over config["trial"]) on every seed.
 
-    Reports to Tune only at stage ends, each result carrying the objective (the seed mean): Tune rejects
-    a result without the searched metric (strict metric checking) and OptunaSearch.on_trial_result reads
-    it from every result. Progress inside a stage goes to MLflow. Checkpoints are taken at stage ends
-    only (the seeds are then all at the same step), so a retried configuration repeats at most a stage.
+    The seeds still to train form one ``provlae.fused.FusedTrainer`` group, each member exactly its seed's
+    solo trial. Reports to Tune only at stage ends, each result carrying the objective (the seed mean):
+    Tune rejects a result without the searched metric (strict metric checking) and
+    OptunaSearch.on_trial_result reads it from every result. Progress inside a stage goes to MLflow.
+    Checkpoints are taken at stage ends only (the group's members are then all at the same step), so a
+    retried configuration repeats at most a stage.
+
+    A seed that diverges fails the configuration at once (there is no seed mean without it): its run ends
+    FAILED with its TrainingDiverged, which is raised to Tune, and the other seeds' unfinished runs end
+    FAILED with the same error (the seed that diverged is named in it).
     """
     import logging
 
@@ -246,36 +237,46 @@ def search_trial(config: dict[str, Any], tracking_ctx: tracking.TrackingContext,
         _train_seeds(base, configs, runs, live, objective)
     except Exception as e:  # not SystemExit: that is Tune stopping the trial (ASHA, or the driver)
         for i in live:
-            if not runs[i].finished:
+            if runs[i].status == "RUNNING":  # not finished, nor failed already (the seed that diverged)
                 runs[i].fail(e)
         raise
 
 
 def _train_seeds(base: TrialConfig, configs: list[TrialConfig], runs: list, live: list[int],
                  objective: str) -> None:
-    """Advance the live seeds (``live``: indices into configs/runs) stage end by stage end; the others
-    finished in an earlier attempt and are read back from MLflow."""
+    """Advance the live seeds (``live``: indices into configs/runs) as one fused group, stage end by stage
+    end; the others finished in an earlier attempt, are left out of the group and read back from MLflow."""
     from ray import tune
 
-    group = Lockstep([configs[i] for i in live]) if live else None
-    slot = {i: j for j, i in enumerate(live)}  # seed index -> trainer in the group
+    group = _group([configs[i] for i in live]) if live else None  # a FusedTrainer needs one member
+    slot = {i: j for j, i in enumerate(live)}  # seed index -> member of the group
     start = _restore(group, live, runs)
+    on_event = _group_logger(group, live, runs) if group is not None else None
     for end in (e for e in _stage_ends(base) if e > start):
-        for i, j in slot.items():
-            if group.trainers[j].step < end and group.train_to(j, end, _logger(runs[i])):
-                with tempfile.TemporaryDirectory(prefix="provlae-figures-") as folder:
-                    group.trainers[j].write_figures(folder)
-                    runs[i].finish(Path(folder))
-        values = [_stage_value(group.trainers[slot[i]].history, end, objective) if i in slot
+        if group is not None:
+            reached = group.run(on_event, until=end)  # raises the first divergence (see _group_logger)
+            for j, final in enumerate(reached):
+                if final:  # the member reached the end
+                    with tempfile.TemporaryDirectory(prefix="provlae-figures-") as folder:
+                        group.members[j].write_figures(folder)
+                        runs[live[j]].finish(Path(folder))
+        values = [_stage_value(group.members[slot[i]].history, end, objective) if i in slot
                   else _logged_value(runs[i], end, objective) for i in range(len(runs))]
         finals = []
         if end == base.total_steps:
-            finals = [group.trainers[slot[i]].final_metrics() if i in slot else runs[i].final_metrics()
+            finals = [group.members[slot[i]].final_metrics() if i in slot else runs[i].final_metrics()
                       for i in range(len(runs))]
         result = _stage_result(values, finals, configs, objective, end, base)
         with tempfile.TemporaryDirectory(prefix="provlae-ckpt-") as folder:
             _save(group, live, runs, Path(folder), end)
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _group(configs: list[TrialConfig]) -> FusedTrainer:
+    """The seeds' trainers as one fused group over one copy of the data (kernels: the device's best)."""
+    from provlae.fused import FusedTrainer
+
+    return FusedTrainer(configs)
 
 
 def _stage_ends(cfg: TrialConfig) -> list[int]:
@@ -291,9 +292,26 @@ def _logger(run):
     return on_event
 
 
-def _restore(group: Lockstep | None, live: list[int], runs: list) -> int:
+def _group_logger(group: FusedTrainer, live: list[int], runs: list):
+    """The group's callback: member j's events to its seed's run. A member that diverged (retired by the
+    group) ends its run FAILED with the error, which is raised at once: the configuration has failed."""
+    loggers = [_logger(runs[i]) for i in live]
+
+    def on_event(j: int, event) -> None:
+        if event.kind == "failed":
+            error = group.failed[j]
+            runs[live[j]].fail(error)
+            raise error
+        loggers[j](event)
+
+    return on_event
+
+
+def _restore(group: FusedTrainer | None, live: list[int], runs: list) -> int:
     """Load the trial's Tune checkpoint, if any; the global step it was taken at (0 without one)."""
     from ray import tune
+
+    from provlae.fused import GROUP_FILE
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
@@ -301,19 +319,21 @@ def _restore(group: Lockstep | None, live: list[int], runs: list) -> int:
     with checkpoint.as_directory() as folder:
         folder = Path(folder)
         step = json.loads((folder / CHECKPOINT_META).read_text())["step"]
-        for j, i in enumerate(live):
-            path = folder / f"seed{i}.pt"
-            if path.exists():
-                group.trainers[j].load_checkpoint(path)
-                runs[i].resumed_at(group.trainers[j].step)
+        if group is not None and (folder / GROUP_FILE).exists():
+            group.load_checkpoint(folder)  # each member from its solo-format file
+            for j, i in enumerate(live):
+                runs[i].resumed_at(group.members[j].step)
     return step
 
 
-def _save(group: Lockstep | None, live: list[int], runs: list, folder: Path, step: int) -> None:
-    for j, i in enumerate(live):
-        if not runs[i].finished:
-            runs[i].flush()  # before the checkpoint: a restore from it must find every earlier step stored
-            group.trainers[j].save_checkpoint(folder / f"seed{i}.pt")
+def _save(group: FusedTrainer | None, live: list[int], runs: list, folder: Path, step: int) -> None:
+    """The group's checkpoint (one solo-format file per member and group.json) while a seed is still
+    training, and CHECKPOINT_META with the step in every case (also when every seed has finished)."""
+    unfinished = [i for i in live if not runs[i].finished]
+    for i in unfinished:
+        runs[i].flush()  # before the checkpoint: a restore from it must find every earlier step stored
+    if unfinished:
+        group.save_checkpoint(folder)
     (folder / CHECKPOINT_META).write_text(json.dumps({"step": step}))
 
 

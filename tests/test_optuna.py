@@ -1,6 +1,7 @@
-"""Adaptive search (sweeps/optuna_search.py): the search space, bad input, seeds in lockstep, the ASHA rungs,
-and two searches run through the real script on a local Ray with a sqlite MLflow store: a 4-trial smoke
-search, and a 6-trial search whose driver is SIGKILLed and which the same command resumes.
+"""Adaptive search (sweeps/optuna_search.py): the search space, bad input, a configuration's seeds as one
+fused group (each with its solo trial's numbers), the ASHA rungs, and two searches run through the real
+script on a local Ray with a sqlite MLflow store: a 4-trial smoke search, and a 6-trial search whose driver
+is SIGKILLed and which the same command resumes.
 """
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ def test_a_configuration_trains_every_seed_and_reports_their_mean_at_stage_ends(
     import torch
     from ray import tune
 
+    from provlae import fused
     from sweeps import tracking
 
     monkeypatch.setenv("PROVLAE_HOME", str(provlae_home))
@@ -118,10 +120,92 @@ def test_a_configuration_trains_every_seed_and_reports_their_mean_at_stage_ends(
     assert reports[-1]["mig_sup"] == pytest.approx(sum(r.data.metrics["mig_sup"] for r in runs.values()) / 2)
 
     first, reports[:] = list(reports), []
-    monkeypatch.setattr(search, "Lockstep", None)  # building trainers would fail: nothing may train
+    monkeypatch.setattr(fused, "FusedTrainer", None)  # building the group would fail: nothing may train
     search.search_trial(config, ctx, seeds=[0, 1], objective="recon_error")
     assert [(r["step"], r["recon_error"]) for r in reports] == [(r["step"], r["recon_error"]) for r in first]
     assert len(client.search_runs([exp], "tags.`provlae.role` = 'trial'")) == 2
+
+
+def test_a_configurations_seeds_train_as_one_group_with_their_solo_numbers(provlae_home, tmp_path,
+                                                                          monkeypatch):
+    """search_trial in-process: the three seeds are the members of one FusedTrainer, advanced together to
+    each stage end (the solo Trainer.run loop is never used), and each seed's MLflow run holds exactly
+    the numbers of its solo trial, Trainer(cfg).run() on its own: every logged value at every step, the
+    final metrics and the per-seed objective Tune got."""
+    import torch
+    from ray import tune
+
+    from provlae import fused
+    from provlae.train import Trainer
+    from sweeps import tracking
+
+    monkeypatch.setenv("PROVLAE_HOME", str(provlae_home))
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t0002"))
+    reports = []
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    exp = tracking.open_experiment(client, "group")
+    ctx = tracking.TrackingContext(uri, exp, "group", tracking.find_or_create_parent(client, exp, "group", {}),
+                                   tags=(search.SEARCH_TAG,))
+    sampled = {"beta": 2.0, "gamma": 0.3, "fade_in_steps": 2, "lr": 1e-3}
+    config = {"trial": spec(objective="recon_error", **TINY).base.to_dict(), **sampled}
+    seeds = [0, 1, 2]
+
+    groups, advances = [], []
+    group_init, group_run = fused.FusedTrainer.__init__, fused.FusedTrainer.run
+
+    def init(self, configs, *args, **kwargs):
+        group_init(self, configs, *args, **kwargs)
+        groups.append(self)
+
+    def run(self, callback=None, until=None, on_checkpoint=None):
+        out = group_run(self, callback, until, on_checkpoint)
+        advances.append((until, [m.step for m in self.members]))
+        return out
+
+    def solo_loop(self, *args, **kwargs):
+        raise AssertionError("a seed trained alone")
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # what search_trial sets, for the solo runs too
+        with monkeypatch.context() as m:
+            m.setattr(fused.FusedTrainer, "__init__", init)
+            m.setattr(fused.FusedTrainer, "run", run)
+            m.setattr(Trainer, "run", solo_loop)
+            search.search_trial(config, ctx, seeds=seeds, objective="recon_error")
+        solo = {}
+        for seed in seeds:  # the configuration's trial on one seed, built here, not by the search
+            cfg = TrialConfig.from_dict({**config["trial"], **sampled, "seed": seed})
+            events = []
+            final = Trainer(cfg).run(events.append)
+            solo[seed] = (cfg, events, final)
+    finally:
+        torch.set_num_threads(threads)
+
+    (group,) = groups
+    assert group.configs == [solo[s][0] for s in seeds] and not group.failed
+    assert advances == [(4, [4, 4, 4]), (8, [8, 8, 8]), (12, [12, 12, 12])]
+    runs = {int(r.data.params["seed"]): r for r in client.search_runs([exp], "tags.`provlae.role` = 'trial'")}
+    assert sorted(runs) == seeds and all(r.info.status == "FINISHED" for r in runs.values())
+    for seed, (cfg, events, final) in solo.items():
+        run = runs[seed]
+        assert run.info.run_name == cfg.run_name
+        assert client.list_artifacts(run.info.run_id, "figures")
+        logged = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)}
+                  for k in run.data.metrics}
+        want = {}
+        for event in events:
+            for k, v in event.metrics.items():
+                if k != "img_s":  # a rate, not a number of the model
+                    want.setdefault(k, {}).setdefault(event.step, v)  # MLflow keeps a step's first value
+        assert {k: logged[k] for k in want} == want
+        assert {k: run.data.metrics[k] for k in final} == final
+        assert [r[f"recon_error_s{seed}"] for r in reports] == [
+            e.metrics["recon_error"] for e in events if e.kind == "stage_end"]
+    assert len({solo[s][2]["loss"] for s in seeds}) == len(seeds)  # three different networks
 
 
 @pytest.mark.parametrize("argv, message", [
