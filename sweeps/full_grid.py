@@ -16,6 +16,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from provlae.errors import ConfigError  # noqa: E402
+from provlae.fused import make_groups  # noqa: E402
 from sweeps import grid  # noqa: E402
 from sweeps.cli import add_sweep_args, resolve_common, run_main  # noqa: E402
 
@@ -28,12 +30,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--families", help="comma list (default: all four)")
     parser.add_argument("--betas", help="comma list of beta > 0 (default: the preset's)")
     parser.add_argument("--seeds", help="a count N (seeds 0..N-1) or a comma list '0,3,7'")
+    parser.add_argument("--fuse", type=int, default=1, metavar="K",
+                        help="train up to K trials that differ only in seed and beta as one fused group "
+                             "(one batched network per Tune trial; default 1: every trial alone)")
+    parser.add_argument("--fused-kernels", choices=("auto", "batched", "sequential"), default="auto",
+                        help="a fused group's kernels: batched (stacked, one vmap; the GPU's path), sequential "
+                             "(members in turn), auto (batched on CUDA, sequential on CPU)")
     add_sweep_args(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.fuse < 1:
+        raise ConfigError(f"--fuse must be >= 1 (trials per fused group), got {args.fuse}")
     resolve_common(args, default_name=f"full_grid-{args.preset}")
     configs = grid.build_trials(
         args.preset,
@@ -47,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{cfg.run_name:<36} steps={cfg.total_steps:<8} batch={cfg.batch_size:<4} "
                   f"z_dim={cfg.z_dim} subset={cfg.subset} device={cfg.device}")
         print(f"trials: {len(configs)}")
+        if args.fuse > 1:
+            groups = make_groups(configs, args.fuse)
+            for n, group in enumerate(groups, 1):
+                print(f"group {n} ({len(group)} trials): {', '.join(c.run_name for c in group)}")
+            print(f"fused groups: {len(groups)} (Tune trials)")
         return 0
     from sweeps.launch import run_sweep  # imports Ray: only when the sweep really runs
 
@@ -54,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                    "families": ",".join(sorted({c.family for c in configs})),
                    "betas": ",".join(f"{b:g}" for b in sorted({c.beta for c in configs})),
                    "seeds": ",".join(str(s) for s in sorted({c.seed for c in configs})),
-                   "overrides": " ".join(f"{k}={v}" for k, v in sorted(args.overrides.items()))}
+                   "overrides": " ".join(f"{k}={v}" for k, v in sorted(args.overrides.items())),
+                   "fuse": args.fuse}
     return run_sweep(configs, args, description)
 
 

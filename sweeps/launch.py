@@ -16,7 +16,7 @@ from typing import Any
 from provlae.config import TrialConfig
 from provlae.errors import ConfigError
 from sweeps import tracking
-from sweeps.trainable import train_trial, trial_config
+from sweeps.trainable import GROUP_KEY, group_configs, group_label, train_group, train_trial, trial_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = "provlae_sweep.json"  # the grid a sweep folder was started with
@@ -45,7 +45,7 @@ def run_sweep(configs: list[TrialConfig], args: argparse.Namespace, description:
     mlflow = tracking.client(uri)
     experiment_id = tracking.open_experiment(mlflow, args.experiment)  # a bad experiment: before Ray
     folder = f"{args.storage.rstrip('/')}/{args.name}"
-    check_manifest(folder, configs)
+    check_manifest(folder, configs, fuse_size(args))
 
     init_ray(args.address)
     parent = tracking.find_or_create_parent(mlflow, experiment_id, args.name,
@@ -53,7 +53,7 @@ def run_sweep(configs: list[TrialConfig], args: argparse.Namespace, description:
     ctx = tracking.TrackingContext(uri, experiment_id, args.name, parent)
     results = make_tuner(configs, args, ctx, folder).fit()
 
-    rows, failures = summarize(results, ctx, mlflow)
+    rows, failures = summarize(results, ctx, mlflow) if fuse_size(args) == 1 else summarize_groups(results, ctx, mlflow)
     unfinished = len(configs) - len(rows)
     print(format_table(rows))
     if unfinished:
@@ -94,18 +94,35 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
 
 
+def fuse_size(args: argparse.Namespace) -> int:
+    """Trials per fused group (``--fuse``; 1: every trial on its own, as a solo trainer)."""
+    return getattr(args, "fuse", 1)
+
+
+def groups_of(configs: list[TrialConfig], args: argparse.Namespace) -> list[list[TrialConfig]]:
+    from provlae.fused import make_groups
+
+    return make_groups(configs, fuse_size(args))
+
+
 def make_tuner(configs: list[TrialConfig], args: argparse.Namespace, ctx: tracking.TrackingContext,
                folder: str):
-    """The grid's Tuner, or the interrupted one restored from ``folder`` (errored trials retried)."""
+    """The grid's Tuner, or the interrupted one restored from ``folder`` (errored trials retried). With
+    ``--fuse K`` > 1 each Tune trial is a fused group of up to K grid trials."""
     from ray import tune
 
     trainable = trainable_for(args, ctx)
     if tune.Tuner.can_restore(folder):
         print(f"resuming sweep {args.name!r} from {folder}", flush=True)
         return tune.Tuner.restore(folder, trainable=trainable, resume_errored=True)
+    if fuse_size(args) == 1:
+        space = {"trial": tune.grid_search([c.to_dict() for c in configs])}
+    else:
+        space = {GROUP_KEY: tune.grid_search([{"label": group_label(g), "members": [c.to_dict() for c in g]}
+                                              for g in groups_of(configs, args)])}
     return tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search([c.to_dict() for c in configs])},
+        param_space=space,
         tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent, reuse_actors=True,
                                     trial_dirname_creator=trial_dirname),
         run_config=run_config(args),
@@ -116,25 +133,36 @@ def trainable_for(args: argparse.Namespace, ctx: tracking.TrackingContext):
     """The trainable with the sweep's tracking context and per-trial resources bound."""
     from ray import tune
 
-    return tune.with_resources(
-        tune.with_parameters(train_trial, tracking=ctx, threads=max(1, int(args.cpus_per_trial))),
-        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+    threads = max(1, int(args.cpus_per_trial))
+    if fuse_size(args) == 1:
+        fn = tune.with_parameters(train_trial, tracking=ctx, threads=threads)
+    else:
+        fn = tune.with_parameters(train_group, tracking=ctx, threads=threads,
+                                  kernels=getattr(args, "fused_kernels", "auto"))
+    return tune.with_resources(fn, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
 
 
 def run_config(args: argparse.Namespace):
     from ray import tune
 
     return tune.RunConfig(
-        name=args.name, storage_path=args.storage, verbose=1, progress_reporter=reporter(),
+        name=args.name, storage_path=args.storage, verbose=1, progress_reporter=reporter(fuse_size(args) > 1),
         failure_config=tune.FailureConfig(max_failures=args.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
 
 
-def reporter():
-    """A status table every 30 s, one row per trial with its grid point (not a config dump per trial)."""
+def reporter(fused: bool = False):
+    """A status table every 30 s, one row per trial with its grid point (not a config dump per trial);
+    a fused trial's row names its group and counts its members."""
     from ray import tune
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output engine ignores progress_reporter
+    if fused:
+        return tune.CLIReporter(
+            parameter_columns={f"{GROUP_KEY}/label": "group"},
+            metric_columns={"step": "step", "stage": "stage", "live": "live", "finished": "finished",
+                            "failed": "failed"},
+            max_report_frequency=30)
     return tune.CLIReporter(
         parameter_columns={f"trial/{k}": k for k in ("dataset", "family", "beta", "seed")},
         metric_columns={"step": "step", "stage": "stage", "loss": "loss", "mig": "mig"},
@@ -142,14 +170,17 @@ def reporter():
 
 
 def trial_dirname(trial) -> str:
+    if GROUP_KEY in trial.config:
+        return f"{trial.config[GROUP_KEY]['label']}_{trial.trial_id}"
     return f"{trial_config(trial.config).run_name}_{trial.trial_id}"
 
 
 # ------------------------------------------------------------------------------ sweep folder
 
 
-def check_manifest(folder: str, configs: list[TrialConfig]) -> None:
-    """A sweep name resumes the same grid: refuse to resume a folder started with other trials."""
+def check_manifest(folder: str, configs: list[TrialConfig], fuse: int = 1) -> None:
+    """A sweep name resumes the same grid: refuse to resume a folder started with other trials, or with
+    another ``--fuse`` (Tune's saved trials are the groups)."""
     import pyarrow.fs
 
     digests = sorted(hashlib.sha256(json.dumps(c.to_dict(), sort_keys=True).encode()).hexdigest()
@@ -158,15 +189,19 @@ def check_manifest(folder: str, configs: list[TrialConfig]) -> None:
     manifest = f"{path}/{MANIFEST}"
     if fs.get_file_info(manifest).type == pyarrow.fs.FileType.File:
         with fs.open_input_stream(manifest) as f:
-            before = json.loads(f.read())["trials"]
+            saved = json.loads(f.read())
+        before = saved["trials"]
         if before != digests:
             raise ConfigError(f"sweep folder {folder} holds a different grid ({len(before)} trials; now "
                               f"{len(digests)}): repeat the original flags to resume it, or pass --name "
                               f"for a new sweep")
+        if saved.get("fuse", 1) != fuse:
+            raise ConfigError(f"sweep folder {folder} was started with --fuse {saved.get('fuse', 1)}, not "
+                              f"--fuse {fuse}: repeat it to resume the sweep, or pass --name for a new sweep")
         return
     fs.create_dir(path)
     with fs.open_output_stream(manifest) as f:
-        f.write(json.dumps({"trials": digests}).encode())
+        f.write(json.dumps({"trials": digests, "fuse": fuse}).encode())
 
 
 # ---------------------------------------------------------------------------------- the summary
@@ -185,6 +220,27 @@ def summarize(results, ctx: tracking.TrackingContext, mlflow) -> tuple[list[dict
             _mark_failed(mlflow, ctx, cfg, metrics.get("trial_id", ""), error)
         elif metrics.get("done"):
             rows.append({"run": cfg.run_name, "status": "FINISHED", **{k: metrics.get(k) for k in TABLE_METRICS}})
+    return rows, failures
+
+
+def summarize_groups(results, ctx: tracking.TrackingContext, mlflow) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The same rows as ``summarize``, one per member of every fused trial, each read from the member's
+    MLflow run (a member fails alone; the group's Tune trial may still have finished)."""
+    rows, failures = [], []
+    for result in results:
+        group_error = None if result.error is None else last_line(str(result.error))
+        for cfg in group_configs(result.config):
+            run = tracking.find_trial_run(mlflow, ctx.experiment_id, ctx.trial_key(cfg, ""))
+            status = None if run is None else run.info.status
+            if status == "FINISHED":
+                rows.append({"run": cfg.run_name, "status": "FINISHED",
+                             **{k: run.data.metrics.get(k) for k in TABLE_METRICS}})
+            elif status == "FAILED" or group_error is not None:
+                error = (run.data.tags.get(tracking.ERROR_TAG) if status == "FAILED" else None) or group_error
+                failures.append((cfg.run_name, last_line(error or "unknown error")))
+                rows.append({"run": cfg.run_name, "status": "FAILED"})
+                if run is not None and status != "FAILED":
+                    tracking.mark_failed(mlflow, run.info.run_id, error)
     return rows, failures
 
 

@@ -1,4 +1,7 @@
-"""The Tune function trainable: config dict -> TrialConfig -> Trainer, reporting to Tune and MLflow.
+"""The Tune function trainables, reporting to Tune and MLflow:
+- ``train_trial``: config dict -> TrialConfig -> Trainer (one trial);
+- ``train_group``: config dict -> several TrialConfigs -> FusedTrainer (a fused group, ``--fuse K``), each
+  member its own MLflow run exactly as a solo trial's, so nothing downstream tells them apart.
 
 Checkpoints go to Tune (at every stage end and every ``checkpoint_every`` steps), so a trial whose worker
 dies resumes mid-stage; the trainer replays the same numbers bitwise, and the trial's MLflow run
@@ -21,6 +24,7 @@ from sweeps.tracking import TrackingContext, TrialRun
 
 CHECKPOINT_FILE = "trainer.pt"
 PROGRESS_EVERY_S = 10.0  # "step" events go to Tune at most this often (each report is a round trip)
+GROUP_KEY = "fused"  # a fused trial's Tune config: {"fused": {"label": str, "members": [config dicts]}}
 
 
 def trial_config(config: dict[str, Any]) -> TrialConfig:
@@ -85,3 +89,97 @@ def _train(cfg: TrialConfig, run: TrialRun) -> tuple[dict[str, float], int, int]
         trainer.write_figures(folder)
         run.finish(Path(folder))
     return final, trainer.step, trainer.stage
+
+
+# ------------------------------------------------------------------------------------ fused groups
+
+
+def group_configs(config: dict[str, Any]) -> list[TrialConfig]:
+    return [TrialConfig.from_dict(c) for c in config[GROUP_KEY]["members"]]
+
+
+def group_label(configs: list[TrialConfig]) -> str:
+    """A fused trial's name in Tune: its first member's run name and how many others it holds."""
+    more = f"+{len(configs) - 1}" if len(configs) > 1 else ""
+    return f"{configs[0].run_name}{more}"
+
+
+def train_group(config: dict[str, Any], tracking: TrackingContext, threads: int = 1,
+                kernels: str = "auto") -> None:
+    """A fused group of trials in one Tune trial. Each member finds or creates its own MLflow run (the
+    same key as its solo trial); members finished by an earlier attempt are not trained again, and a member
+    that diverged stays failed. A member that diverges now fails alone: the Tune trial goes on and ends
+    normally, and the sweep's summary reads each member's outcome from its run."""
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    cfgs, trial_id = group_configs(config), tune.get_context().get_trial_id()
+    runs = [TrialRun.open(tracking, cfg, trial_id) for cfg in cfgs]
+    todo = []
+    for i, run in enumerate(runs):
+        if run.finished:
+            continue
+        if run.previous_error.startswith(TrainingDiverged.__name__):
+            run.fail(run.previous_error)  # the replay from the checkpoint would diverge again
+            continue
+        todo.append(i)
+    if todo:
+        try:
+            _train_members(cfgs, runs, todo, kernels)
+        except Exception as e:  # not SystemExit: that is Tune stopping the trial, which resumes later
+            for i in todo:
+                if runs[i].status == "RUNNING":
+                    runs[i].fail(e)
+            raise
+    tune.report({**_group_counts(runs), "step": cfgs[0].total_steps, "stage": cfgs[0].num_stages - 1})
+
+
+def _group_counts(runs: list[TrialRun]) -> dict[str, int]:
+    return {"members": len(runs), "finished": sum(r.status == "FINISHED" for r in runs),
+            "failed": sum(r.status == "FAILED" for r in runs)}
+
+
+def _train_members(cfgs: list[TrialConfig], runs: list[TrialRun], todo: list[int], kernels: str) -> None:
+    from provlae.fused import FusedTrainer
+
+    group = FusedTrainer([cfgs[i] for i in todo], kernels=kernels)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            group.load_checkpoint(folder)
+        for j, i in enumerate(todo):
+            runs[i].resumed_at(group.members[j].step)
+    last_report = time.monotonic()
+
+    def progress(step: int, stage: int) -> dict[str, Any]:
+        return {**_group_counts(runs), "live": len(group.live), "step": step, "stage": stage}
+
+    def on_event(j: int, event) -> None:
+        nonlocal last_report
+        run = runs[todo[j]]
+        if event.kind == "failed":
+            run.fail(group.failed[j])  # the member's divergence, as its solo trial would record it
+            return
+        run.log(event.step, event.metrics)
+        if event.kind == "step" and time.monotonic() - last_report >= PROGRESS_EVERY_S:
+            tune.report(progress(event.step, event.stage))
+            last_report = time.monotonic()
+
+    def on_checkpoint(step: int) -> None:
+        nonlocal last_report
+        for j in group.live:
+            runs[todo[j]].flush()  # before the checkpoint: a restore from it must find every earlier step
+        with tempfile.TemporaryDirectory(prefix="provlae-ckpt-") as folder:
+            group.save_checkpoint(folder)
+            tune.report(progress(step, group.members[group.live[0]].stage),
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+        last_report = time.monotonic()
+
+    finals = group.run(on_event, on_checkpoint=on_checkpoint)
+    for j, final in enumerate(finals):
+        if final is None:
+            continue
+        with tempfile.TemporaryDirectory(prefix="provlae-figures-") as folder:
+            group.members[j].write_figures(folder)
+            runs[todo[j]].finish(Path(folder))
