@@ -187,7 +187,7 @@ class FusedTrainer:
         noises = [m.family.draw_noise(m.model, m.stage, x.shape[0], m.noise_gen) for m, x in zip(members, xs)]
         coefs = [m.family.coefficients(m.stage) for m in members]
         with lead.autocast():
-            loss, terms = self._stack.loss(torch.stack(xs), noises, coefs, lead.stage, t)
+            loss, terms = self._stack.loss(torch.stack(xs), noises, coefs, lead.family.alpha(lead.stage, t))
         self._stack.backward_and_step(loss)
         out = {}
         for k, (i, m) in enumerate(zip(live, members)):
@@ -263,8 +263,8 @@ class _Modules(nn.Module):
         self.model = member.model
         self.frozen = nn.ModuleDict(member.family.frozen_modules())
 
-    def forward(self, x, stage: int, t: int, noise: dict, coef: dict):
-        out = self.family.loss(self.model, x, stage, t, noise=noise, coef=coef)
+    def forward(self, x, stage: int, alpha: torch.Tensor, noise: dict, coef: dict):
+        out = self.family.loss(self.model, x, stage, 0, noise=noise, coef=coef, alpha=alpha)
         return out.loss, out.terms
 
 
@@ -285,6 +285,10 @@ class _Stack:
         self.frozen = {n: torch.stack([f[n] for f in frozen]) for n in frozen[0]}
         self.opt = torch.optim.Adam(list(self.params.values()), lr=lead.cfg.lr)
         self._load_optimizer_state()
+        p = next(iter(self.params.values()))
+        self.alpha = torch.zeros((), dtype=p.dtype, device=p.device)  # the fade-in, updated in place
+        self.compile = lead.cfg.compile != "none"
+        self._fn = None  # the vmapped (and maybe compiled) loss: built at the first step, the same after
 
     def _load_optimizer_state(self) -> None:
         states = [m.opt.state_dict() for m in self.members]
@@ -299,18 +303,24 @@ class _Stack:
                           **{k: torch.stack([p[k] for p in per]) for k in per[0] if k != "step"}}
         self.opt.load_state_dict({"state": stacked, "param_groups": self.opt.state_dict()["param_groups"]})
 
-    def loss(self, x: torch.Tensor, noises: list[dict], coefs: list[dict], stage: int, t: int):
-        """(K,) member losses and their named terms, each (K,)."""
+    def loss(self, x: torch.Tensor, noises: list[dict], coefs: list[dict], alpha: float):
+        """(K,) member losses and their named terms, each (K,). The noise and the coefficients have the
+        same structure at every step of a stage (a stack lives for one stage), so the function is built once."""
         noise_tensors, rebuild_noise = _stacked(noises)
         p = next(iter(self.params.values()))
         coef_tensors, rebuild_coef = _stacked(coefs, dtype=p.dtype, device=p.device)
+        if self._fn is None:
+            stage = self.stage
 
-        def one(params, frozen, x, noise_tensors, coef_tensors):
-            return torch.func.functional_call(
-                self.modules, {**{f"model.{n}": v for n, v in params.items()}, **frozen},
-                (x, stage, t, rebuild_noise(noise_tensors), rebuild_coef(coef_tensors)))
+            def one(params, frozen, x, noise_tensors, coef_tensors, alpha):
+                return torch.func.functional_call(
+                    self.modules, {**{f"model.{n}": v for n, v in params.items()}, **frozen},
+                    (x, stage, alpha, rebuild_noise(noise_tensors), rebuild_coef(coef_tensors)))
 
-        return torch.func.vmap(one)(self.params, self.frozen, x, noise_tensors, coef_tensors)
+            fn = torch.func.vmap(one, in_dims=(0, 0, 0, 0, 0, None))
+            self._fn = torch.compile(fn, dynamic=False) if self.compile else fn
+        self.alpha.fill_(alpha)
+        return self._fn(self.params, self.frozen, x, noise_tensors, coef_tensors, self.alpha)
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)

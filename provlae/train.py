@@ -166,7 +166,10 @@ class Trainer:
         self.resumed_across_devices = False
         self._finite = torch.ones((), dtype=torch.bool, device=self.device)  # every loss so far finite
         self._clock = (time.perf_counter(), 0)  # (time, step) the img/s and train_seconds count from
-        self._loss = self.family.loss if cfg.compile == "none" else torch.compile(self.family.loss)
+        # compile: the step's loss as one captured graph; the fade-in enters as a device tensor updated in
+        # place, so the graph is the same at every step (one compilation per stage)
+        self._alpha = torch.zeros((), dtype=self.dtype, device=self.device)
+        self._compiled = None if cfg.compile == "none" else torch.compile(self._loss_at, dynamic=False)
 
     # ------------------------------------------------------------------ the loop
     def run(self, callback: Callable[[Event], None] | None = None, until: int | None = None) -> dict[str, float]:
@@ -256,13 +259,20 @@ class Trainer:
         t = self.steps_into_stage
         noise = self.family.draw_noise(self.model, self.stage, x.shape[0], self.noise_gen)
         with self.autocast():
-            out = self._loss(self.model, x, self.stage, t, noise=noise)
+            if self._compiled is None:
+                out = self.family.loss(self.model, x, self.stage, t, noise=noise)
+            else:
+                self._alpha.fill_(self.family.alpha(self.stage, t))
+                out = self._compiled(x, self.stage, noise, self._alpha)
         self._finite &= torch.isfinite(out.loss.detach())  # checked at the next event: no per-step sync
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         self.opt.step()
         self.step += 1
         return self.step_terms(out.terms, t)
+
+    def _loss_at(self, x: torch.Tensor, stage: int, noise: dict, alpha: torch.Tensor):
+        return self.family.loss(self.model, x, stage, 0, noise=noise, alpha=alpha)
 
     def step_terms(self, terms: dict, t: int) -> dict[str, torch.Tensor | float]:
         terms = {k: v.detach() for k, v in terms.items()}

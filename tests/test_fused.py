@@ -249,3 +249,25 @@ def test_checkpoint_from_another_device_type_resumes(tmp_path, monkeypatch):
     same = Trainer(cfg, dataset=data)
     same.load_state_dict(first.state_dict())
     assert not same.resumed_across_devices
+
+
+def test_compiled_steps_follow_the_eager_ones():
+    """compile=torch (solo and fused) across a stage boundary: the fade-in is a tensor, so one graph per
+    stage; the losses are the eager ones up to float32 reassociation."""
+    kw = dict(BASE, family="pro_vlae", dtype="float32", steps_per_stage=3, fade_in_steps=2)
+    eager = [TrialConfig.from_dict({**kw, **m}) for m in MEMBERS[:2]]
+    compiled = [c.with_overrides({"compile": "torch"}) for c in eager]
+
+    def losses(events):
+        return [e[2]["loss"] for e in events if e[0] == "step"]
+
+    want = [[], []]
+    for i, cfg in enumerate(eager):
+        Trainer(cfg).run(recorder(want[i]), until=5)
+    got = []
+    Trainer(compiled[0]).run(recorder(got), until=5)
+    assert losses(got) == pytest.approx(losses(want[0]), rel=1e-5)
+    group = fused_events(FusedTrainer(compiled, kernels="batched"), until=5)
+    for i in range(2):
+        assert losses(group[i]) == pytest.approx(losses(want[i]), rel=1e-5)
+        assert [e[2]["alpha"] for e in group[i] if e[0] == "step"] == [1.0, 1.0, 1.0, 0.0, 0.5]

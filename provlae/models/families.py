@@ -83,6 +83,10 @@ class Family:
         return 1.0
 
     def gates(self, stage: int, t: int, device) -> Gates:
+        return self.gates_at(stage, self.alpha(stage, t), device)
+
+    def gates_at(self, stage: int, alpha, device) -> Gates:
+        """The gates at a given fade-in ``alpha`` (a float, or a 0-dim tensor in a compiled step)."""
         active = set(self.active_levels(stage))
         return Gates(enc=[1.0] * self.L, dec=[1.0 if l in active else 0.0 for l in range(self.L)],
                      dim_mask=[None] * self.L)
@@ -107,13 +111,14 @@ class Family:
     # ---------------------------------------------------------------- objective
     def loss(self, model: LadderVAE, x: torch.Tensor, stage: int, t: int,
              generator: torch.Generator | None = None, noise: dict | None = None,
-             coef: dict | None = None) -> LossOutput:
+             coef: dict | None = None, alpha=None) -> LossOutput:
         """``noise`` (``draw_noise``) holds the step's randomness; without it, it is drawn from
-        ``generator``. ``coef`` (``coefficients``) the trial's weights; without it, this family's own."""
+        ``generator``. ``coef`` (``coefficients``) the trial's weights; without it, this family's own.
+        ``alpha`` (a 0-dim tensor) replaces the fade-in that ``t`` gives, for a compiled step."""
         if noise is None:
             noise = self.draw_noise(model, stage, x.shape[0], generator, device=x.device)
         coef = self.coefficients(stage) if coef is None else coef
-        gates = self.gates(stage, t, x.device)
+        gates = self.gates(stage, t, x.device) if alpha is None else self.gates_at(stage, alpha, x.device)
         out = model(x, gates, eps=noise["eps"])
         recon = bernoulli_nll(wide(out.logits), x).mean()
         terms = {"recon": recon}
@@ -175,9 +180,9 @@ class ProVLAE(Family):
             return 1.0
         return min(1.0, t / self.cfg.fade_in_steps)
 
-    def gates(self, stage: int, t: int, device) -> Gates:
+    def gates_at(self, stage: int, alpha, device) -> Gates:
         new = self.L - 1 - stage  # the level added at this stage
-        a = self.alpha(stage, t)
+        a = alpha
         enc = [a if l == new else 1.0 for l in range(self.L)]
         dec = [0.0 if l < new else (a if l == new else 1.0) for l in range(self.L)]  # inactive: 0
         return Gates(enc=enc, dec=dec, dim_mask=[None] * self.L)
@@ -212,7 +217,7 @@ class TeacherStudent(Family):
         m[: (stage + 1) * self.cfg.z_dim] = 1.0
         return m
 
-    def gates(self, stage: int, t: int, device) -> Gates:
+    def gates_at(self, stage: int, alpha, device) -> Gates:
         return Gates(enc=[1.0] * self.L, dec=[1.0] * self.L,
                      dim_mask=[None] * (self.L - 1) + [self._mask(stage, device)])
 

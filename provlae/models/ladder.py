@@ -29,11 +29,12 @@ class Gates:
 
     enc[l]: multiplies the head input h_l (fade-in alpha, eq. 9); dec[l]: multiplies m_l(z_l) in the
     decoder (alpha for the newest level, 0 for levels not grown yet); dim_mask[l]: optional (z_l,) 0/1
-    mask of the latents in use (teacher-student grows the code dimension by dimension block).
+    mask of the latents in use (teacher-student grows the code dimension by dimension block). A gate is a
+    float, or a 0-dim tensor (the fade-in of a captured or compiled step, which must not be a constant).
     """
 
-    enc: list[float]
-    dec: list[float]
+    enc: list[float | torch.Tensor]
+    dec: list[float | torch.Tensor]
     dim_mask: list[torch.Tensor | None]
 
     def masked(self, codes: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -47,6 +48,11 @@ class LadderOutput:
     mu: list[torch.Tensor | None]  # per level, lowest first; None where the level has no latents
     logvar: list[torch.Tensor | None]
     z: list[torch.Tensor | None]  # the codes fed to the decoder (masked, before the dec gate)
+
+
+def _gated(t: torch.Tensor, gate: float | torch.Tensor) -> torch.Tensor:
+    """t * gate, skipped for a float gate of exactly 1 (a tensor gate is always applied: no host sync)."""
+    return t if isinstance(gate, float) and gate == 1.0 else t * gate
 
 
 def check_image_shape(image_shape: tuple[int, int, int], levels: int) -> None:
@@ -117,7 +123,7 @@ class LadderVAE(nn.Module):
                 mus.append(None)
                 logvars.append(None)
                 continue
-            inp = h if gates.enc[l] == 1.0 else h * gates.enc[l]  # mu_l(alpha h_l), eq. (9)
+            inp = _gated(h, gates.enc[l])  # mu_l(alpha h_l), eq. (9)
             mu, logvar = head(inp).chunk(2, dim=1)
             mus.append(mu)
             logvars.append(logvar)
@@ -134,7 +140,7 @@ class LadderVAE(nn.Module):
                 inp = self.m[l](zs[l])  # f_L^d(z_L)
             else:
                 ml = self.m[l](zs[l])
-                inp = torch.cat([ml if gates.dec[l] == 1.0 else ml * gates.dec[l], g], dim=1)  # eq. (7)
+                inp = torch.cat([_gated(ml, gates.dec[l]), g], dim=1)  # eq. (7)
             g = F.elu(self.dec_convs[l](inp))
         return self.out_conv(g)
 
