@@ -116,7 +116,10 @@ def check_device_memory(device: torch.device, nbytes: int, what: str, headroom: 
 
 def check_data(cfg: TrialConfig) -> None:
     """Refuse data a trial could not train on, before anything starts: a user's file is opened (which
-    validates it); a procedural dataset is checked from its spec, without rendering it."""
+    validates it); a procedural dataset is checked from its spec, without rendering it. A CPU trial's dtype
+    is checked too (a GPU trial's device is not the one the check runs on)."""
+    if cfg.device == "cpu":
+        check_precision(cfg, torch.device("cpu"))
     spec = datasets.DATASETS[cfg.dataset]
     if cfg.data_path is not None:
         full = datasets.load(cfg.dataset, path=cfg.data_path)

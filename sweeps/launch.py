@@ -31,7 +31,7 @@ def check_trial_data(configs: list[TrialConfig]) -> None:
 
     seen = set()
     for cfg in configs:
-        key = (cfg.dataset, cfg.data_path, cfg.subset, cfg.batch_size, cfg.levels)
+        key = (cfg.dataset, cfg.data_path, cfg.subset, cfg.batch_size, cfg.levels, cfg.device, cfg.dtype)
         if key not in seen:
             seen.add(key)
             check_data(cfg)

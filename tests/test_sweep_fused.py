@@ -104,3 +104,13 @@ def test_bad_fuse_is_refused_before_anything_starts(store, capsys):
     assert run_main(main, sweep_args(store, "fused-bad", "--fuse", "0")) == 2
     assert capsys.readouterr().err.strip() == "error: --fuse must be >= 1 (trials per fused group), got 0"
     assert not (store / "ray" / "fused-bad").exists()
+
+
+def test_bfloat16_on_a_cpu_without_it_is_refused_before_anything_starts(store, capsys, monkeypatch):
+    from provlae import train
+
+    monkeypatch.setattr(train, "_cpu_has_bf16", lambda: False)
+    args = sweep_args(store, "fused-bf16", "--fuse", "2", "--set", "dtype=bfloat16")
+    assert run_main(main, args) == 2
+    assert capsys.readouterr().err.strip().startswith("error: dtype bfloat16: this CPU has no bfloat16")
+    assert not (store / "ray" / "fused-bf16").exists()  # refused before the sweep folder (and Ray, MLflow)
