@@ -2,10 +2,12 @@
 
 The bare loop is the least a training loop can do: index a batch from the uint8 tensor, forward, the
 beta-VAE/VLAE loss, backward, Adam step. The trainer adds its family hooks, NaN checks, progress events
-and stage bookkeeping; the ratio says what they cost. Target: ratio >= 0.95.
+and stage bookkeeping; the ratio says what they cost. Target: ratio >= 0.95, for the trainer and for a
+fused group of one (``FusedTrainer`` with the device's kernels; the batched kernels' figure is printed too).
 
     python benchmarks/train_throughput.py [--quick] [--family vlae] [--device cpu]
-Last line: {"name": "train_throughput", "trainer_img_s": ..., "bare_img_s": ..., "ratio": ...}
+Last line: {"name": "train_throughput", "trainer_img_s": ..., "bare_img_s": ..., "ratio": ...,
+            "fused1_img_s": ..., "fused1_ratio": ...}
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 
 from provlae import data
 from provlae.config import TrialConfig
+from provlae.fused import FusedTrainer
 from provlae.models import LadderVAE, build_family
 from provlae.models.families import bernoulli_nll, gaussian_kl
 from provlae.train import Trainer, images_tensor, resolve_device
@@ -53,9 +56,11 @@ def bare_loop(cfg: TrialConfig, ds, steps: int) -> float:
     return steps * b / (time.perf_counter() - t0)
 
 
-def trainer_loop(cfg: TrialConfig, ds, steps: int) -> float:
-    """img/s of Trainer.run over the same steps; the stage-end evaluation is timed and left out."""
-    trainer = Trainer(cfg, dataset=ds)
+def trainer_loop(cfg: TrialConfig, ds, steps: int, kernels: str | None = None) -> float:
+    """img/s of Trainer.run (or, with ``kernels``, a fused group of one) over the same steps; the stage-end
+    evaluation is timed and left out."""
+    group = None if kernels is None else FusedTrainer([cfg], dataset=ds, kernels=kernels)
+    trainer = Trainer(cfg, dataset=ds) if group is None else group.members[0]
     evaluate, eval_s = trainer.evaluate, []
 
     def timed_evaluate():
@@ -67,7 +72,7 @@ def trainer_loop(cfg: TrialConfig, ds, steps: int) -> float:
 
     trainer.evaluate = timed_evaluate
     t0 = time.perf_counter()
-    trainer.run()
+    (trainer if group is None else group).run()
     return steps * cfg.batch_size / (time.perf_counter() - t0 - sum(eval_s))
 
 
@@ -90,17 +95,21 @@ def main() -> None:
                                      mi_samples=100, factor_train_votes=50, factor_eval_votes=50, eval_subset=256))
     steps = cfg.total_steps
     ds = data.load("dsprites", subset=cfg.subset, seed=0)
-    bare, ours = [], []
-    for _ in range(1 if args.quick else args.repeats):  # interleaved so drifts in machine load hit both
+    bare, ours, fused, batched = [], [], [], []
+    for _ in range(1 if args.quick else args.repeats):  # interleaved so drifts in machine load hit all
         bare.append(bare_loop(cfg, ds, steps))
         ours.append(trainer_loop(cfg, ds, steps))
-    b, t = max(bare), max(ours)
+        fused.append(trainer_loop(cfg, ds, steps, kernels="auto"))
+        batched.append(trainer_loop(cfg, ds, steps, kernels="batched"))
+    b, t, f = max(bare), max(ours), max(fused)
     print(f"family {args.family}, batch {cfg.batch_size}, {steps} steps, device {args.device}, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"bare loop : {b:8.1f} img/s  (runs: {', '.join(f'{v:.1f}' for v in bare)})")
-    print(f"trainer   : {t:8.1f} img/s  (runs: {', '.join(f'{v:.1f}' for v in ours)})")
+    for label, runs in (("bare loop", bare), ("trainer", ours), ("fused K=1", fused),
+                        ("  batched", batched)):
+        print(f"{label:<10}: {max(runs):8.1f} img/s  (runs: {', '.join(f'{v:.1f}' for v in runs)})")
     print(json.dumps({"name": "train_throughput", "trainer_img_s": round(t, 2), "bare_img_s": round(b, 2),
-                      "ratio": round(t / b, 4)}))
+                      "ratio": round(t / b, 4), "fused1_img_s": round(f, 2), "fused1_ratio": round(f / b, 4),
+                      "fused1_batched_img_s": round(max(batched), 2)}))
 
 
 if __name__ == "__main__":

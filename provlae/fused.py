@@ -304,12 +304,13 @@ class _Stack:
         self.opt.load_state_dict({"state": stacked, "param_groups": self.opt.state_dict()["param_groups"]})
 
     def loss(self, x: torch.Tensor, noises: list[dict], coefs: list[dict], alpha: float):
-        """(K,) member losses and their named terms, each (K,). The noise and the coefficients have the
-        same structure at every step of a stage (a stack lives for one stage), so the function is built once."""
+        """(K,) member losses and their named terms, each (K,). A stack lives for one stage: the noise has
+        the same structure at every step and the coefficients the same values, so both the function and
+        the stacked coefficients are made at the first step."""
         noise_tensors, rebuild_noise = _stacked(noises)
-        p = next(iter(self.params.values()))
-        coef_tensors, rebuild_coef = _stacked(coefs, dtype=p.dtype, device=p.device)
         if self._fn is None:
+            p = next(iter(self.params.values()))  # the coefficients are the stage's: stacked once
+            self._coef, rebuild_coef = _stacked(coefs, dtype=p.dtype, device=p.device)
             stage = self.stage
 
             def one(params, frozen, x, noise_tensors, coef_tensors, alpha):
@@ -320,7 +321,7 @@ class _Stack:
             fn = torch.func.vmap(one, in_dims=(0, 0, 0, 0, 0, None))
             self._fn = torch.compile(fn, dynamic=False) if self.compile else fn
         self.alpha.fill_(alpha)
-        return self._fn(self.params, self.frozen, x, noise_tensors, coef_tensors, self.alpha)
+        return self._fn(self.params, self.frozen, x, noise_tensors, self._coef, self.alpha)
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)

@@ -266,7 +266,7 @@ class Trainer:
                 out = self.family.loss(self.model, x, self.stage, t, noise=noise)
             else:
                 self._alpha.fill_(self.family.alpha(self.stage, t))
-                out = self._compiled(x, self.stage, noise, self._alpha)
+                out = self._compiled(x, self.stage, noise, self._alpha, self._coefficient_tensors())
         self._finite &= torch.isfinite(out.loss.detach())  # checked at the next event: no per-step sync
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -274,8 +274,17 @@ class Trainer:
         self.step += 1
         return self.step_terms(out.terms, t)
 
-    def _loss_at(self, x: torch.Tensor, stage: int, noise: dict, alpha: torch.Tensor):
-        return self.family.loss(self.model, x, stage, 0, noise=noise, alpha=alpha)
+    def _loss_at(self, x: torch.Tensor, stage: int, noise: dict, alpha: torch.Tensor, coef: dict):
+        return self.family.loss(self.model, x, stage, 0, noise=noise, alpha=alpha, coef=coef)
+
+    def _coefficient_tensors(self) -> dict:
+        """The trial's loss weights as device tensors, made once per stage: a compiled graph then holds
+        no trial's beta as a constant, and trainers of other betas in this process reuse it."""
+        if getattr(self, "_coef_stage", None) != self.stage:
+            as_tensor = lambda v: torch.as_tensor(v, dtype=self.dtype, device=self.device)  # noqa: E731
+            self._coef = {k: as_tensor(v) for k, v in self.family.coefficients(self.stage).items()}
+            self._coef_stage = self.stage
+        return self._coef
 
     def step_terms(self, terms: dict, t: int) -> dict[str, torch.Tensor | float]:
         terms = {k: v.detach() for k, v in terms.items()}

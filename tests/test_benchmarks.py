@@ -1,0 +1,87 @@
+"""The fused-group benchmarks as scripts: benchmarks/fused_throughput.py --quick and benchmarks/gpu_suite.py
+--tiny run to the end on this machine and their last line is the JSON their docstrings promise, with
+figures that are positive, finite and consistent with one another; gpu_suite refuses a machine without
+CUDA unless --tiny.
+
+Both run with --threads 1: the suite may share this 2-core machine with other jobs, and two OpenMP
+threads on a contended pair of cores run several times slower than one."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sweeps.grid import build_trials
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str, home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PROVLAE_HOME": str(home)}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) > 1, proc.stdout  # human-readable lines first
+    return json.loads(lines[-1])
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def test_fused_throughput_quick(provlae_home):
+    proc = run_script("fused_throughput.py", "--quick", "--k", "3", "--threads", "1", home=provlae_home)
+    out = last_json(proc)
+    assert out["name"] == "fused_throughput"
+    assert out["k"] == 3
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert out["device"] == device
+    assert out["kernels"] == ("batched" if device == "cuda" else "sequential")  # what auto resolves to
+    for key in ("fused_img_s", "solo_img_s", "ratio"):
+        assert positive(out[key]), (key, out[key])
+    assert out["ratio"] == pytest.approx(out["fused_img_s"] / out["solo_img_s"], rel=1e-3)
+    if device == "cpu":  # both kernels timed and printed; the JSON ratio is auto's (sequential)
+        assert set(out["ratio_by_kernels"]) == {"sequential", "batched"}
+        assert all(positive(v) for v in out["ratio_by_kernels"].values())
+        assert out["ratio_by_kernels"]["sequential"] == out["ratio"]
+        printed = proc.stdout.splitlines()[:-1]
+        assert any("sequential" in line and "img/s" in line for line in printed)
+        assert any("batched" in line and "img/s" in line for line in printed)
+
+
+def test_gpu_suite_tiny(provlae_home):
+    proc = run_script("gpu_suite.py", "--tiny", "--threads", "1", home=provlae_home)
+    out = last_json(proc)
+    assert out["name"] == "gpu_suite" and out["tiny"] is True
+    assert out["errors"] == {}, out["errors"]  # --tiny skips nothing; no section failed
+    for key in ("solo_img_s", "fused_k2_img_s", "fused_k3_img_s", "eval_s", "eval_encode_s", "data_images",
+                "paper_train_images", "gpu_hours_best", "gpu_hours_solo_eager", "total_s"):
+        assert positive(out[key]), (key, out.get(key))
+    assert out["eval_encode_s"] <= out["eval_s"]
+    for k in (2, 3):
+        assert out[f"fused_k{k}_ratio"] == pytest.approx(out[f"fused_k{k}_img_s"] / out["solo_img_s"], rel=1e-3)
+    trials = build_trials("paper")
+    assert out["paper_trials"] == len(trials) == 250
+    assert out["paper_evaluations"] == sum(c.num_stages for c in trials)
+    assert out["paper_train_images"] == pytest.approx(sum(c.total_steps * c.batch_size for c in trials), rel=1e-4)
+    solo_hours = (out["paper_train_images"] / out["solo_img_s"] + out["paper_eval_hours"] * 3600) / 3600
+    assert out["gpu_hours_solo_eager"] == pytest.approx(solo_hours, rel=1e-3)
+    hours = {k[len("gpu_hours_"):]: v for k, v in out.items() if k.startswith("gpu_hours_") and k != "gpu_hours_best"}
+    assert set(hours) == {"solo_eager", "fused_k2", "fused_k3"}  # compile is left out with --tiny
+    assert out["best_setting"] == min(hours, key=hours.get)
+    assert out["gpu_hours_best"] == hours[out["best_setting"]]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_suite_refuses_a_machine_without_cuda(provlae_home):
+    proc = run_script("gpu_suite.py", home=provlae_home, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stdout.strip().splitlines() == ["error: gpu_suite needs a CUDA device (use --tiny on CPU)"]
