@@ -62,8 +62,9 @@ def check_group(configs: list[TrialConfig]) -> None:
         other = shared_fields(cfg)
         differ = sorted(k for k in first if first[k] != other[k])
         if differ:
-            raise ConfigError(f"{cfg.run_name} cannot share a fused group with {configs[0].run_name}: they differ "
-                              f"in {', '.join(differ)} (members may differ only in {', '.join(MEMBER_FIELDS)})")
+            raise ConfigError(f"{cfg.run_name} cannot share a fused group with {configs[0].run_name}: they "
+                              f"differ in {', '.join(differ)} (members may differ only in "
+                              f"{', '.join(MEMBER_FIELDS)})")
 
 
 def member_key(cfg: TrialConfig) -> str:
@@ -166,7 +167,8 @@ class FusedTrainer:
     @staticmethod
     def _is_checkpoint_step(m: Trainer) -> bool:
         cfg = m.cfg
-        return m.step % cfg.stage_steps == 0 or bool(cfg.checkpoint_every and m.step % cfg.checkpoint_every == 0)
+        every = cfg.checkpoint_every
+        return m.step % cfg.stage_steps == 0 or bool(every and m.step % every == 0)
 
     def _retire(self, i: int, error: BaseException, cb) -> None:
         """Member i leaves the group; the others' state is untouched (the stack is rebuilt without it)."""
@@ -236,7 +238,8 @@ class FusedTrainer:
         except (OSError, ValueError) as e:
             raise ConfigError(f"fused checkpoint {folder}: cannot read {GROUP_FILE} ({e})") from None
         if group.get("version") != GROUP_VERSION:
-            raise ConfigError(f"fused checkpoint {folder}: version {group.get('version')}, expected {GROUP_VERSION}")
+            raise ConfigError(f"fused checkpoint {folder}: version {group.get('version')}, "
+                              f"expected {GROUP_VERSION}")
         saved = {e["key"]: e for e in group["members"]}
         for i, m in enumerate(self.members):
             entry = saved.get(member_key(m.cfg))

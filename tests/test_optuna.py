@@ -85,21 +85,10 @@ def test_a_configuration_trains_every_seed_and_reports_their_mean_at_stage_ends(
     """search_trial in-process (Tune's session calls stubbed): one MLflow run per seed, a report per stage
     end with the seed mean; run again (a configuration re-proposed after a resume), it trains nothing."""
     import torch
-    from ray import tune
 
     from provlae import fused
-    from sweeps import tracking
 
-    monkeypatch.setenv("PROVLAE_HOME", str(provlae_home))
-    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
-    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t0001"))
-    reports = []
-    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = tracking.client(uri)
-    exp = tracking.open_experiment(client, "lockstep")
-    parent = tracking.find_or_create_parent(client, exp, "lockstep", {})
-    ctx = tracking.TrackingContext(uri, exp, "lockstep", parent, tags=(search.SEARCH_TAG,))
+    reports, client, exp, ctx = _in_process(monkeypatch, provlae_home, tmp_path, "lockstep", "t0001")
     config = {"trial": spec(objective="recon_error", **TINY).base.to_dict(), "beta": 2.0, "gamma": 0.3,
               "fade_in_steps": 2, "lr": 1e-3}
 
@@ -133,22 +122,11 @@ def test_a_configurations_seeds_train_as_one_group_with_their_solo_numbers(provl
     the numbers of its solo trial, Trainer(cfg).run() on its own: every logged value at every step, the
     final metrics and the per-seed objective Tune got."""
     import torch
-    from ray import tune
 
     from provlae import fused
     from provlae.train import Trainer
-    from sweeps import tracking
 
-    monkeypatch.setenv("PROVLAE_HOME", str(provlae_home))
-    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
-    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t0002"))
-    reports = []
-    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = tracking.client(uri)
-    exp = tracking.open_experiment(client, "group")
-    ctx = tracking.TrackingContext(uri, exp, "group", tracking.find_or_create_parent(client, exp, "group", {}),
-                                   tags=(search.SEARCH_TAG,))
+    reports, client, exp, ctx = _in_process(monkeypatch, provlae_home, tmp_path, "group", "t0002")
     sampled = {"beta": 2.0, "gamma": 0.3, "fade_in_steps": 2, "lr": 1e-3}
     config = {"trial": spec(objective="recon_error", **TINY).base.to_dict(), **sampled}
     seeds = [0, 1, 2]
@@ -346,3 +324,21 @@ def test_killed_search_resumes_the_study(local_ray, provlae_home, tmp_path):
     ended = {r.info.run_id: r.info.end_time for r in trials}
     assert all(ended[run_id] == end for run_id, end in before.items())  # the first runs untouched
     assert "6 of 6 trials finished" in rerun.stdout and parent.info.status == "FINISHED"
+
+
+def _in_process(monkeypatch, provlae_home, tmp_path, name: str, trial_id: str):
+    """Tune's session calls stubbed for an in-process search_trial: (reports, client, experiment, context)."""
+    from ray import tune
+
+    from sweeps import tracking
+
+    monkeypatch.setenv("PROVLAE_HOME", str(provlae_home))
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: trial_id))
+    reports = []
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    exp = tracking.open_experiment(client, name)
+    parent = tracking.find_or_create_parent(client, exp, name, {})
+    return reports, client, exp, tracking.TrackingContext(uri, exp, name, parent, tags=(search.SEARCH_TAG,))
