@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from provlae.config import TrialConfig
-from provlae.errors import ConfigError
+from provlae.errors import ConfigError, TrainingDiverged
 from sweeps import grid, tracking
 
 if TYPE_CHECKING:
@@ -233,6 +233,12 @@ def search_trial(config: dict[str, Any], tracking_ctx: tracking.TrackingContext,
     configs = [base.with_overrides({"seed": s}) for s in seeds]
     runs = [tracking.TrialRun.open(tracking_ctx, cfg, trial_id) for cfg in configs]
     live = [i for i, run in enumerate(runs) if not run.finished]  # finished runs: a resumed search
+    diverged = next((runs[i].previous_error for i in live
+                     if runs[i].previous_error.startswith(TrainingDiverged.__name__)), "")
+    if diverged:  # a retry: the replay from the last stage end is the same computation, it would diverge again
+        for i in live:
+            runs[i].fail(runs[i].previous_error or diverged)
+        raise TrainingDiverged(diverged.removeprefix(f"{TrainingDiverged.__name__}: "))
     try:
         _train_seeds(base, configs, runs, live, objective)
     except Exception as e:  # not SystemExit: that is Tune stopping the trial (ASHA, or the driver)

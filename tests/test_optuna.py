@@ -326,6 +326,31 @@ def test_killed_search_resumes_the_study(local_ray, provlae_home, tmp_path):
     assert "6 of 6 trials finished" in rerun.stdout and parent.info.status == "FINISHED"
 
 
+def test_a_diverging_seed_fails_the_configuration_and_its_retry_at_once(provlae_home, tmp_path, monkeypatch):
+    """beta = 1e39 is inf in the float32 loss: the first member of the group to diverge fails the
+    configuration, with every seed's run FAILED, and a retry of it fails at once, training nothing."""
+    import torch
+
+    from provlae import fused
+    from provlae.errors import TrainingDiverged
+
+    reports, client, exp, ctx = _in_process(monkeypatch, provlae_home, tmp_path, "diverge", "t0003")
+    config = {"trial": spec(objective="recon_error", **TINY).base.to_dict(), "beta": 1e39, "gamma": 0.3,
+              "fade_in_steps": 2, "lr": 1e-3}
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(TrainingDiverged, match="loss became"):
+            search.search_trial(config, ctx, seeds=[0, 1], objective="recon_error")
+        monkeypatch.setattr(fused, "FusedTrainer", None)  # the retry must not build (or train) a group
+        with pytest.raises(TrainingDiverged, match="loss became"):
+            search.search_trial(config, ctx, seeds=[0, 1], objective="recon_error")
+    finally:
+        torch.set_num_threads(threads)
+    assert reports == []  # no stage end was reached
+    runs = client.search_runs([exp], "tags.`provlae.role` = 'trial'")
+    assert len(runs) == 2
+    assert all(r.info.status == "FAILED" and r.data.tags["error"].startswith("TrainingDiverged") for r in runs)
+
 def _in_process(monkeypatch, provlae_home, tmp_path, name: str, trial_id: str):
     """Tune's session calls stubbed for an in-process search_trial: (reports, client, experiment, context)."""
     from ray import tune
