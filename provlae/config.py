@@ -19,6 +19,10 @@ DATASETS = ("dsprites", "shapes3d", "mnist", "celeba")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64", "bfloat16")  # bfloat16: autocast for training; loss and evaluation in float32
 COMPILE_MODES = ("none", "torch")  # torch: the training step's loss through torch.compile
+# Fields added after sweeps were first recorded, at the values that behave as before they existed. A config
+# at these values is identified (trial keys, sweep manifests, checkpoints) as it was before, so sweeps,
+# runs and checkpoints made by an earlier version are found and resumed.
+LATER_FIELDS = {"dtype": "float32", "tf32": False, "compile": "none"}
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,10 @@ class TrialConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict[str, Any]:
+        """What names this trial: ``to_dict`` less the LATER_FIELDS left at their earlier behaviour."""
+        return config_identity(self.to_dict())
+
     # ------------------------------------------------------------------ derived
     @property
     def run_name(self) -> str:
@@ -141,6 +149,11 @@ class TrialConfig:
             need(Path(self.data_path).exists(), f"data_path does not exist: {self.data_path}")
         need(self.data_path is not None or self.dataset in ("dsprites", "shapes3d"),
              f"dataset {self.dataset!r} has no procedural generator: set data_path to its files")
+
+
+def config_identity(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config dict (e.g. a checkpoint's) less the LATER_FIELDS at their earlier behaviour."""
+    return {k: v for k, v in raw.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from provlae import data as datasets
-from provlae.config import TrialConfig
+from provlae.config import TrialConfig, config_identity
 from provlae.errors import ConfigError, TrainingDiverged
 from provlae.evaluate import batches_to_float, disentanglement, encode
 from provlae.figures import information_per_stage, model_figures
@@ -383,8 +383,8 @@ class Trainer:
         if state.get("version") != CHECKPOINT_VERSION:
             raise ConfigError(f"checkpoint {path} has version {state.get('version')}, "
                               f"expected {CHECKPOINT_VERSION}")
-        mine = self.cfg.to_dict()
-        differ = sorted(k for k in set(mine) | set(state["config"]) if mine.get(k) != state["config"].get(k))
+        mine, theirs = self.cfg.identity(), config_identity(state["config"])
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if differ:
             raise ConfigError(f"checkpoint {path} was written for a different config "
                               f"(differs in: {', '.join(differ)})")

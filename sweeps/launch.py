@@ -183,7 +183,7 @@ def check_manifest(folder: str, configs: list[TrialConfig], fuse: int = 1) -> No
     another ``--fuse`` (Tune's saved trials are the groups)."""
     import pyarrow.fs
 
-    digests = sorted(hashlib.sha256(json.dumps(c.to_dict(), sort_keys=True).encode()).hexdigest()
+    digests = sorted(hashlib.sha256(json.dumps(c.identity(), sort_keys=True).encode()).hexdigest()
                      for c in configs)
     fs, path = pyarrow.fs.FileSystem.from_uri(folder if "://" in folder else Path(folder).as_uri())
     manifest = f"{path}/{MANIFEST}"

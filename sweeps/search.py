@@ -80,7 +80,7 @@ class SearchSpec:
                 **{f"space.{k}": describe_distribution(d) for k, d in self.space.items()}}
 
     def manifest(self) -> dict[str, Any]:
-        return {"base": self.base.to_dict(), "seeds": list(self.seeds), "objective": self.objective,
+        return {"base": self.base.identity(), "seeds": list(self.seeds), "objective": self.objective,
                 "mode": self.mode, "trials": self.trials, "sampler_seed": self.sampler_seed,
                 "early_stopping": self.early_stopping,
                 "space": {k: describe_distribution(d) for k, d in self.space.items()}}

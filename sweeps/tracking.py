@@ -149,7 +149,7 @@ class TrackingContext:
     tags: tuple[tuple[str, str], ...] = ()  # extra tags on every trial run, e.g. (("search", "optuna"),)
 
     def trial_key(self, cfg: TrialConfig, trial_id: str) -> str:
-        what = json.dumps(cfg.to_dict(), sort_keys=True) if self.key_by == "config" else trial_id
+        what = json.dumps(cfg.identity(), sort_keys=True) if self.key_by == "config" else trial_id
         return hashlib.sha256(f"{self.sweep}\n{what}".encode()).hexdigest()[:24]
 
 

@@ -150,3 +150,51 @@ def test_a_sweep_name_resumes_only_its_own_grid(tmp_path):
     check_manifest(folder, grid.build_trials("smoke"))  # the same grid: resumable
     with pytest.raises(ConfigError, match="different grid"):
         check_manifest(folder, grid.build_trials("smoke", betas=[1.0, 2.0]))
+
+
+def _as_before(cfg) -> dict:
+    """The config dict an earlier version wrote: without the fields added since (dtype, tf32, compile)."""
+    from provlae.config import LATER_FIELDS
+
+    return {k: v for k, v in cfg.to_dict().items() if k not in LATER_FIELDS}
+
+
+def test_records_of_an_earlier_version_are_found_again(tmp_path, provlae_home, monkeypatch):
+    """A sweep started before dtype/tf32/compile existed resumes: its trial keys, its folder's manifest and
+    its checkpoints name the same trials (a non-default dtype does not match them)."""
+    import hashlib
+    import json
+
+    import torch
+
+    from provlae.train import Trainer
+    from sweeps.launch import check_manifest
+    from sweeps.tracking import TrackingContext
+
+    monkeypatch.setenv("PROVLAE_HOME", str(provlae_home))
+    configs = grid.build_trials("smoke", overrides={"device": "cpu"})
+    ctx = TrackingContext("sqlite:////tmp/x.db", "1", "old", "parent")
+    for cfg in configs:  # the key an earlier version tagged the run with
+        before = hashlib.sha256(f"old\n{json.dumps(_as_before(cfg), sort_keys=True)}".encode()).hexdigest()[:24]
+        assert ctx.trial_key(cfg, "") == before
+        assert ctx.trial_key(cfg.with_overrides({"dtype": "float64"}), "") != before
+    folder = tmp_path / "old-sweep"
+    folder.mkdir()
+    digests = sorted(hashlib.sha256(json.dumps(_as_before(c), sort_keys=True).encode()).hexdigest()
+                     for c in configs)
+    (folder / "provlae_sweep.json").write_text(json.dumps({"trials": digests}))  # no "fuse" key then
+    check_manifest(str(folder), configs)  # no error: the same grid
+    with pytest.raises(ConfigError, match="was started with --fuse 1"):
+        check_manifest(str(folder), configs, fuse=2)
+
+    cfg = configs[0].with_overrides({"steps_per_stage": 2})
+    trainer = Trainer(cfg)
+    trainer.run(until=1)
+    state = trainer.state_dict()
+    state["config"] = _as_before(cfg)
+    torch.save(state, tmp_path / "old.pt")
+    again = Trainer(cfg)
+    again.load_checkpoint(tmp_path / "old.pt")
+    assert again.step == 1
+    with pytest.raises(ConfigError, match="differs in: dtype"):
+        Trainer(cfg.with_overrides({"dtype": "float64"})).load_checkpoint(tmp_path / "old.pt")
