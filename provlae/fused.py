@@ -141,6 +141,7 @@ class FusedTrainer:
                 self._one_step(cb, end, on_checkpoint)
         finally:
             self._write_back()
+            self._stack = None  # outside run, the members hold the state (and may be changed there)
         return [None if i in self.failed else self.members[i].finish(lambda e, i=i: cb(i, e))
                 for i in range(len(self.members))]
 
