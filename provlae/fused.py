@@ -162,14 +162,8 @@ class FusedTrainer:
                 self.members[i].after_step(terms[i], lambda e, i=i: cb(i, e), end)
             except TrainingDiverged as e:
                 self._retire(i, e, cb)
-        if stateful and self.live and on_checkpoint is not None and self._is_checkpoint_step(lead):
+        if self.live and on_checkpoint is not None and lead.at_checkpoint:
             on_checkpoint(lead.step)
-
-    @staticmethod
-    def _is_checkpoint_step(m: Trainer) -> bool:
-        cfg = m.cfg
-        every = cfg.checkpoint_every
-        return m.step % cfg.stage_steps == 0 or bool(every and m.step % every == 0)
 
     def _retire(self, i: int, error: BaseException, cb) -> None:
         """Member i leaves the group; the others' state is untouched (the stack is rebuilt without it)."""

@@ -172,6 +172,8 @@ class Trainer:
         # compile: the step's loss as one captured graph; the fade-in enters as a device tensor updated in
         # place, so the graph is the same at every step (one compilation per stage)
         self._alpha = torch.zeros((), dtype=self.dtype, device=self.device)
+        self._coef: dict = {}
+        self._coef_stage: int | None = None  # the stage _coef was made for
         self._compiled = None if cfg.compile == "none" else torch.compile(self._loss_at, dynamic=False)
 
     # ------------------------------------------------------------------ the loop
@@ -200,18 +202,21 @@ class Trainer:
             self.stage = stage
             self.family.begin_stage(self.model, stage)
 
+    @property
+    def at_checkpoint(self) -> bool:
+        """Whether the step just taken is a stage end or a ``checkpoint_every`` step (the state is saved)."""
+        cfg, step = self.cfg, self.step
+        return step % cfg.stage_steps == 0 or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+
     def needs_state(self, end: int) -> bool:
         """Whether the step just taken ends in an event that reads the model or saves the state."""
-        cfg, step = self.cfg, self.step
-        return (step % cfg.stage_steps == 0 or step == end
-                or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0))
+        return self.at_checkpoint or self.step == end
 
     def after_step(self, terms: dict, cb: Callable[[Event], None], end: int) -> None:
         """The events of the step just taken: progress, stage-end evaluation, checkpoint."""
         cfg, per_stage, total = self.cfg, self.cfg.stage_steps, self.cfg.total_steps
-        at_event = (self.step % cfg.log_every == 0 or self.step % per_stage == 0 or self.step == end
-                    or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0))
-        if at_event:  # never report, evaluate or checkpoint a diverged state
+        if self.step % cfg.log_every == 0 or self.needs_state(end):  # never report, evaluate or checkpoint
+            self._check_finite(terms["loss"])  # a diverged state
             self._check_finite(terms["loss"])
         if self.step % cfg.log_every == 0 or self.step == total:
             terms = {k: float(v) for k, v in terms.items()}  # a host sync only when logging
@@ -280,7 +285,7 @@ class Trainer:
     def _coefficient_tensors(self) -> dict:
         """The trial's loss weights as device tensors, made once per stage: a compiled graph then holds
         no trial's beta as a constant, and trainers of other betas in this process reuse it."""
-        if getattr(self, "_coef_stage", None) != self.stage:
+        if self._coef_stage != self.stage:
             as_tensor = lambda v: torch.as_tensor(v, dtype=self.dtype, device=self.device)  # noqa: E731
             self._coef = {k: as_tensor(v) for k, v in self.family.coefficients(self.stage).items()}
             self._coef_stage = self.stage

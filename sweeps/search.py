@@ -254,7 +254,11 @@ def _train_seeds(base: TrialConfig, configs: list[TrialConfig], runs: list, live
     end; the others finished in an earlier attempt, are left out of the group and read back from MLflow."""
     from ray import tune
 
-    group = _group([configs[i] for i in live]) if live else None  # a FusedTrainer needs one member
+    from provlae.fused import FusedTrainer
+    from sweeps.trainable import finish_with_figures
+
+    # the seeds' trainers as one fused group over one copy of the data (kernels: the device's best)
+    group = FusedTrainer([configs[i] for i in live]) if live else None  # a group needs one member
     slot = {i: j for j, i in enumerate(live)}  # seed index -> member of the group
     start = _restore(group, live, runs)
     on_event = _group_logger(group, live, runs) if group is not None else None
@@ -263,9 +267,7 @@ def _train_seeds(base: TrialConfig, configs: list[TrialConfig], runs: list, live
             reached = group.run(on_event, until=end)  # raises the first divergence (see _group_logger)
             for j, final in enumerate(reached):
                 if final:  # the member reached the end
-                    with tempfile.TemporaryDirectory(prefix="provlae-figures-") as folder:
-                        group.members[j].write_figures(folder)
-                        runs[live[j]].finish(Path(folder))
+                    finish_with_figures(runs[live[j]], group.members[j])
         values = [_stage_value(group.members[slot[i]].history, end, objective) if i in slot
                   else _logged_value(runs[i], end, objective) for i in range(len(runs))]
         finals = []
@@ -276,13 +278,6 @@ def _train_seeds(base: TrialConfig, configs: list[TrialConfig], runs: list, live
         with tempfile.TemporaryDirectory(prefix="provlae-ckpt-") as folder:
             _save(group, live, runs, Path(folder), end)
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
-
-
-def _group(configs: list[TrialConfig]) -> FusedTrainer:
-    """The seeds' trainers as one fused group over one copy of the data (kernels: the device's best)."""
-    from provlae.fused import FusedTrainer
-
-    return FusedTrainer(configs)
 
 
 def _stage_ends(cfg: TrialConfig) -> list[int]:

@@ -85,10 +85,15 @@ def _train(cfg: TrialConfig, run: TrialRun) -> tuple[dict[str, float], int, int]
         last_report = time.monotonic()
 
     final = trainer.run(on_event)
+    finish_with_figures(run, trainer)
+    return final, trainer.step, trainer.stage
+
+
+def finish_with_figures(run: TrialRun, trainer) -> None:
+    """The trained trial's figures into its run, then the run FINISHED."""
     with tempfile.TemporaryDirectory(prefix="provlae-figures-") as folder:
         trainer.write_figures(folder)
         run.finish(Path(folder))
-    return final, trainer.step, trainer.stage
 
 
 # ------------------------------------------------------------------------------------ fused groups
@@ -180,6 +185,4 @@ def _train_members(cfgs: list[TrialConfig], runs: list[TrialRun], todo: list[int
     for j, final in enumerate(finals):
         if final is None:
             continue
-        with tempfile.TemporaryDirectory(prefix="provlae-figures-") as folder:
-            group.members[j].write_figures(folder)
-            runs[todo[j]].finish(Path(folder))
+        finish_with_figures(runs[todo[j]], group.members[j])

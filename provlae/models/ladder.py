@@ -159,8 +159,7 @@ class LadderVAE(nn.Module):
         """``eps``: the noise per level (``draw_noise``); without it, drawn here from ``generator``."""
         mus, logvars = self.encode(x, gates)
         if sample and eps is None:
-            eps = [None if mu is None else torch.randn(mu.shape, device=mu.device, dtype=mu.dtype,
-                                                       generator=generator) for mu in mus]
+            eps = self.draw_noise(x.shape[0], generator, device=x.device)
         zs = []
         for l, (mu, logvar) in enumerate(zip(mus, logvars)):
             if mu is not None and sample:
