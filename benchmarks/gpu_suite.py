@@ -324,7 +324,7 @@ def main(argv=None) -> int:
     global BUDGET
     args = parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
-        print("error: gpu_suite needs a CUDA device (use --tiny on CPU)")
+        print("error: gpu_suite needs a CUDA device (use --tiny on CPU)", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -84,4 +84,5 @@ def test_gpu_suite_tiny(provlae_home):
 def test_gpu_suite_refuses_a_machine_without_cuda(provlae_home):
     proc = run_script("gpu_suite.py", home=provlae_home, timeout=60)
     assert proc.returncode == 2
-    assert proc.stdout.strip().splitlines() == ["error: gpu_suite needs a CUDA device (use --tiny on CPU)"]
+    assert proc.stderr.strip().splitlines() == ["error: gpu_suite needs a CUDA device (use --tiny on CPU)"]
+    assert proc.stdout == ""
