@@ -81,12 +81,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def on_event(event) -> None:
         progress(event)
+        if event.kind == "stage_end":
+            trainer.write_stage_figures(out / "figures")
         if event.kind in ("checkpoint", "stage_end"):
             trainer.save_checkpoint(ckpt)
 
     t0 = time.perf_counter()
     metrics = trainer.run(on_event)
-    figures = trainer.write_figures(out / "figures")
+    trainer.write_figures(out / "figures")
+    figures = sorted((out / "figures").rglob("*.png"))  # the last stage's and every stage end's
     write_json_atomic(out / "config.json", cfg.to_dict())
     # kl_z<l> of the result is the evaluated KL per level (eval_kl_z<l>), not the last batch's
     kl = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_kl_z")}

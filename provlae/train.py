@@ -32,7 +32,7 @@ from provlae import data as datasets
 from provlae.config import TrialConfig, config_identity
 from provlae.errors import ConfigError, TrainingDiverged
 from provlae.evaluate import batches_to_float, disentanglement, encode
-from provlae.figures import information_per_stage, model_figures
+from provlae.figures import information_per_stage, model_figures, stage_figures
 from provlae.models import LadderVAE, build_family
 from provlae.models.ladder import check_image_shape
 
@@ -331,13 +331,26 @@ class Trainer:
         final["loss"] = self.last_terms.get("loss", float("nan"))
         return final
 
+    def write_stage_figures(self, out_dir: str | Path) -> list[Path]:
+        """The paper's Fig. 5 panel and Fig. 4 traversal of the stage just ended, into
+        ``out_dir/stage<s>/``: call it on a ``stage_end`` event."""
+        return self._stage_figures(Path(out_dir) / f"stage{self.history[-1]['stage']}")
+
     def write_figures(self, out_dir: str | Path) -> list[Path]:
+        """The trained model's figures into ``out_dir``: the last stage's Fig. 5 panel and Fig. 4 traversal,
+        the traversals and prior samples per level, and I(x; z_l) per stage."""
         out_dir = Path(out_dir)
         stage = max(self.stage, 0)
-        paths = model_figures(self.model, self.family, stage, self.steps_into_stage, self.images,
-                              self.data.pixel_scale, self.device, out_dir, seed=self.cfg.seed)
+        paths = self._stage_figures(out_dir) if self.history else []
+        paths += model_figures(self.model, self.family, stage, self.steps_into_stage, self.images,
+                               self.data.pixel_scale, self.device, out_dir, seed=self.cfg.seed)
         mi = information_per_stage(self.history, self.cfg.levels, out_dir / "information_per_stage.png")
         return paths + ([mi] if mi else [])
+
+    def _stage_figures(self, out_dir: Path) -> list[Path]:
+        last = self.history[-1]
+        return stage_figures(self.model, self.family, last["stage"], self.steps_into_stage, self.images,
+                             self.data.pixel_scale, self.device, last, out_dir, seed=self.cfg.seed)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -4,7 +4,8 @@
   found again by those tags when the sweep is resumed.
 - one child run per trial, named ``cfg.run_name``, tagged ``mlflow.parentRunId``, ``provlae.role=trial``,
   ``family``, ``dataset``, ``sweep``, ``ray_trial_id``; params = every TrialConfig field; metrics with
-  step = global training step; artifacts ``figures/*.png`` and ``config.json``.
+  step = global training step; artifacts ``config.json``, ``figures/stage<s>/*.png`` at each stage end and
+  ``figures/*.png`` at the end.
 
 Exactly one run per trial: the trial itself (in its Ray worker) finds its run by a deterministic key
 (tag ``provlae.trial_key``: sweep name + resolved config) or creates it, so retries, worker deaths and
@@ -232,10 +233,15 @@ class TrialRun:
     def resumed_at(self, step: int) -> None:
         self.mlflow.set_tag(self.run_id, RESUMED_TAG, str(step))
 
+    def log_figures(self, figures_dir: Path) -> None:
+        """The files under ``figures_dir`` as the run's artifacts under ``figures/`` (same paths replaced)."""
+        if any(Path(figures_dir).iterdir()):
+            self.mlflow.log_artifacts(self.run_id, str(figures_dir), "figures")
+
     def finish(self, figures_dir: Path | None = None) -> None:
         self.flush()
-        if figures_dir is not None and any(Path(figures_dir).iterdir()):
-            self.mlflow.log_artifacts(self.run_id, str(figures_dir), "figures")
+        if figures_dir is not None:
+            self.log_figures(figures_dir)
         if ERROR_TAG in self.mlflow.get_run(self.run_id).data.tags:  # an earlier attempt failed
             self.mlflow.delete_tag(self.run_id, ERROR_TAG)
         self.mlflow.set_terminated(self.run_id, "FINISHED")

@@ -73,6 +73,8 @@ def _train(cfg: TrialConfig, run: TrialRun) -> tuple[dict[str, float], int, int]
         nonlocal last_report
         run.log(event.step, event.metrics)  # MLflow gets every event (buffered)
         result = {**event.metrics, "step": event.step, "stage": event.stage}
+        if event.kind == "stage_end":
+            log_stage_figures(run, trainer)
         if event.kind in ("checkpoint", "stage_end"):
             run.flush()  # before the checkpoint: a restore from it must find every earlier step stored
             with tempfile.TemporaryDirectory(prefix="provlae-ckpt-") as folder:
@@ -87,6 +89,13 @@ def _train(cfg: TrialConfig, run: TrialRun) -> tuple[dict[str, float], int, int]
     final = trainer.run(on_event)
     finish_with_figures(run, trainer)
     return final, trainer.step, trainer.stage
+
+
+def log_stage_figures(run: TrialRun, trainer) -> None:
+    """The figures of the stage the trainer just ended into its run (``figures/stage<s>/``)."""
+    with tempfile.TemporaryDirectory(prefix="provlae-figures-") as folder:
+        trainer.write_stage_figures(folder)
+        run.log_figures(Path(folder))
 
 
 def finish_with_figures(run: TrialRun, trainer) -> None:
@@ -167,6 +176,8 @@ def _train_members(cfgs: list[TrialConfig], runs: list[TrialRun], todo: list[int
             run.fail(group.failed[j])  # the member's divergence, as its solo trial would record it
             return
         run.log(event.step, event.metrics)
+        if event.kind == "stage_end":
+            log_stage_figures(run, group.members[j])
         if event.kind == "step" and time.monotonic() - last_report >= PROGRESS_EVERY_S:
             tune.report(progress(event.step, event.stage))
             last_report = time.monotonic()

@@ -89,6 +89,9 @@ def _check_sweep_runs(tracking_uri: str, experiment: str, sweep: str, configs: d
         assert {"mig", "mig_sup", "factor_score", "recon_error", "loss"} <= set(run.data.metrics)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert "config.json" in artifacts
-        figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
-        assert figures and all(p.endswith(".png") for p in figures)
+        figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+        assert {"figures/information.png", "figures/traversal.png", "figures/information_per_stage.png"} <= figures
+        for s in range(cfg.num_stages):  # the paper's figures at every stage end
+            stage = {a.path for a in client.list_artifacts(run.info.run_id, f"figures/stage{s}")}
+            assert stage == {f"figures/stage{s}/information.png", f"figures/stage{s}/traversal.png"}, stage
     return {r.info.run_name: r for r in children}

@@ -6,7 +6,7 @@ import torch
 
 from provlae.config import TrialConfig
 from provlae.models import FAMILIES, LadderVAE, build_family
-from provlae.models.families import bernoulli_nll, gaussian_kl
+from provlae.models.families import bernoulli_nll, cross_covariance, gaussian_kl
 
 ALL = ["beta_vae", "vlae", "pro_vlae", "teacher_student"]
 
@@ -154,3 +154,35 @@ def test_mnist_sized_ladder():
     assert out.logits.shape == (2, 1, 32, 32)
     with pytest.raises(ValueError, match="divisible"):
         LadderVAE((1, 28, 28), fam.level_dims())
+
+
+def test_cross_covariance_is_the_frobenius_norm_of_centred_codes_over_b():
+    z = torch.tensor([[1.0], [3.0]])  # centred: [-1, 1]
+    y = torch.tensor([[2.0, 0.0], [0.0, 4.0]])  # centred: [[1, -2], [-1, 2]]
+    # Z^T Y = [-1*1 + 1*-1, -1*-2 + 1*2] = [-2, 4]; ||.||_F = sqrt(20); / B = 2
+    assert cross_covariance(z, y).item() == pytest.approx(20 ** 0.5 / 2)
+
+
+def test_teacher_student_constraints_weigh_as_against_a_summed_elbo():
+    cfg, fam, model = make("teacher_student", lambda_xcov=0.5, lambda_y=2.0)
+    x = batch(n=8)
+    fam.begin_stage(model, 1)
+    out = fam.loss(model, x, 1, 0, noise=fam.draw_noise(model, 1, 8, torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        mu = model.encode(x, fam.gates(1, 0, "cpu"))[0][2].double().numpy()
+    k = cfg.z_dim
+    zc, yc = mu[:, k:2 * k] - mu[:, k:2 * k].mean(0), mu[:, :k] - mu[:, :k].mean(0)
+    by_hand = ((zc.T @ yc) ** 2).sum() ** 0.5 / 8  # ||Z^T Y||_F / B
+    # the port's loss is sum_b ELBO_b + constraints; here it is divided by B
+    assert out.terms["ts_xcov"].item() == pytest.approx(0.5 * by_hand / 8, rel=1e-5)
+    assert out.terms["ts_y"].item() == pytest.approx(0.0, abs=1e-10)  # the student starts as its teacher
+
+
+def test_teacher_student_blocks_are_levels_grown_in_pro_vlae_order():
+    _, fam, _ = make("teacher_student", z_dim=2)
+    # the teacher's block (stage 0) is z3, the block grown at stage s is z_{3-s}
+    assert fam.information_levels() == [(1, 2, [4, 5]), (2, 2, [2, 3]), (3, 2, [0, 1])]
+    _, pro, _ = make("pro_vlae", z_dim=2)
+    assert pro.information_levels() == [(1, 0, [0, 1]), (2, 1, [0, 1]), (3, 2, [0, 1])]
+    _, bvae, _ = make("beta_vae", z_dim=2)
+    assert bvae.information_levels() == [(3, 2, list(range(6)))]

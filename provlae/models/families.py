@@ -70,6 +70,12 @@ class Family:
         """Latents per level, lowest first."""
         return [self.cfg.z_dim] * self.L
 
+    def information_levels(self) -> list[tuple[int, int, list[int]]]:
+        """The levels of the information terms I(x; z_l) (paper Fig. 5), lowest first, as (level number,
+        ladder level index, latent indices within that ladder level). Every level counts at every stage,
+        grown or not: by default the ladder's levels that have latents."""
+        return [(l + 1, l, list(range(d))) for l, d in enumerate(self.level_dims()) if d > 0]
+
     @property
     def num_stages(self) -> int:
         return self.cfg.num_stages
@@ -199,9 +205,15 @@ class TeacherStudent(Family):
 
     Stage 0 is a plain VAE (the teacher). Each later stage is a student that inherits the teacher's
     weights for its first dims and adds z_dim new ones; a frozen copy of the model at the stage start
-    is the teacher. Loss = ELBO + lambda_y * mean((y_T - y_S)^2) + lambda_xcov * ||cov(z_new, y_S)||_F / B
-    + lambda_jac * mean((Delta_T - Delta_S)^2), Delta = D(y) - D(y with the inherited code permuted
-    within the batch).
+    is the teacher. Constraints C = lambda_y * mean((y_T - y_S)^2) + lambda_xcov * ||Z^T Y||_F / B
+    + lambda_jac * mean((Delta_T - Delta_S)^2), with Z, Y the batch-centred new and inherited codes and
+    Delta = D(y) - D(y with the inherited code permuted within the batch). Lezama's training sums the
+    ELBO over the batch and adds C; the loss here is that sum divided by B (the ELBO's batch mean + C / B),
+    so the lambdas weigh as they do there.
+
+    For the information terms each growth block of z_dim latents is a level: the block grown at stage s
+    is level L - s, as the level pro-VLAE grows at stage s (the teacher's block is z_L). A block not grown
+    yet is not part of the code (the decoder never sees it): it is encoded as its prior.
     """
 
     def __init__(self, cfg: TrialConfig):
@@ -211,6 +223,11 @@ class TeacherStudent(Family):
 
     def level_dims(self) -> list[int]:
         return [0] * (self.L - 1) + [self.L * self.cfg.z_dim]
+
+    def information_levels(self) -> list[tuple[int, int, list[int]]]:
+        z, top = self.cfg.z_dim, self.L - 1
+        blocks = [(self.L - b, top, list(range(b * z, (b + 1) * z))) for b in range(self.L)]
+        return sorted(blocks)
 
     def _mask(self, stage: int, device) -> torch.Tensor:
         m = torch.zeros(self.L * self.cfg.z_dim, device=device)
@@ -257,11 +274,10 @@ class TeacherStudent(Family):
         y_s = mu[:, :k]
         z_new = mu[:, k: k + cfg.z_dim]
         d_s = self._delta(model, mu * self._mask(stage, x.device), perm, k, stage)
-        yc, nc = y_s - y_s.mean(0), z_new - z_new.mean(0)
-        xcov = (nc.T @ yc / x.shape[0]).norm() / x.shape[0]  # ||cov(z_new, y_S)||_F / B
-        return {"ts_y": coef["lambda_y"] * (y_t - y_s).pow(2).mean(),
-                "ts_xcov": coef["lambda_xcov"] * xcov,
-                "ts_jac": coef["lambda_jac"] * (d_t - d_s).pow(2).mean()}
+        per_image = 1.0 / x.shape[0]  # the constraints against the ELBO's batch mean (class docstring)
+        return {"ts_y": coef["lambda_y"] * (y_t - y_s).pow(2).mean() * per_image,
+                "ts_xcov": coef["lambda_xcov"] * cross_covariance(z_new, y_s) * per_image,
+                "ts_jac": coef["lambda_jac"] * (d_t - d_s).pow(2).mean() * per_image}
 
     def _delta(self, net: LadderVAE, code: torch.Tensor, perm: torch.Tensor, k: int, stage: int):
         """D(code) - D(code with its first k dims permuted within the batch), as probabilities."""
@@ -283,6 +299,12 @@ class TeacherStudent(Family):
         if state["teacher"] is not None:
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
             self.teacher.load_state_dict(state["teacher"])
+
+
+def cross_covariance(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """||Z^T Y||_F / B for (B, m) and (B, k) codes, each centred over the batch (Lezama 2019, eq. 5)."""
+    zc, yc = z - z.mean(0), y - y.mean(0)
+    return (zc.T @ yc).norm() / z.shape[0]
 
 
 def _all_on(levels: int) -> Gates:
