@@ -20,11 +20,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The demo sweep on a local Ray (no address: started for the run), tracked in the default MLflow store
-# (sqlite under the user data directory); then the paper's table: top-3 seeds per beta.
+# (sqlite under the user data directory): the paper's comparison at beta = 4, 2 seeds per family; then the
+# top-2 table and the family comparison.
 demo: $(STAMP)
 	$(BIN)/python sweeps/full_grid.py --preset demo --experiment demo
-	$(BIN)/python -m analysis top3 --experiment demo
+	$(BIN)/python -m analysis top3 --experiment demo --k 2
+	$(BIN)/python -m analysis compare --experiment demo --k 2
 	@$(BIN)/python -c "from provlae.paths import default_tracking_uri as u; \
+	print('Figures: each run holds the paper figures as artifacts, figures/stage<s>/ at every stage end'); \
 	print(f'Compare the runs in the MLflow UI: $(BIN)/mlflow ui --backend-store-uri {u()} --host 127.0.0.1')"
 
 test: $(STAMP)

@@ -89,8 +89,14 @@ def test_steps_per_stage_follow_epochs_unless_set():
 def test_presets_scale():
     assert len(grid.build_trials("smoke")) == 4
     demo = grid.build_trials("demo")
-    assert {t.family for t in demo} == set(FAMILIES) and {t.dataset for t in demo} == {"dsprites"}
-    assert all(t.subset <= 5000 and t.total_steps <= 1000 for t in demo)
+    assert {t.family for t in demo} == {"beta_vae", "vlae", "pro_vlae"} and {t.dataset for t in demo} == {"dsprites"}
+    assert len(demo) == 6 and all(t.total_steps <= 1500 and t.eval_subset == 20_000 for t in demo)
+    study = grid.build_trials("study")
+    assert {t.family for t in study} == set(FAMILIES) and len(study) == 4 * 3
+    paper = {(t.dataset, t.family): t for t in grid.build_trials("paper")}
+    # the authors' scripts: fade-in for dSprites' pro-VLAE, none for 3DShapes'
+    assert paper["dsprites", "pro_vlae"].fade_in_steps > 0 and paper["shapes3d", "pro_vlae"].fade_in_steps == 0
+    assert len(grid.build_trials("paper")) == 250
 
 
 # ------------------------------------------------------------------------------------ the command
