@@ -211,3 +211,37 @@ def test_trainers_sharing_a_process_do_not_perturb_each_other():
     torch.manual_seed(12345)  # anyone else drawing from the global RNG
     torch.rand(100)
     assert a.run() == alone
+
+
+class _Payload:
+    """Unpickling this calls open(path, "w"): a file appears if the checkpoint's pickle is run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("kind", ["payload", "truncated"])
+def test_cli_refuses_a_planted_or_truncated_checkpoint_without_running_it(tmp_path, kind):
+    import torch
+
+    out, marker = tmp_path / "run", tmp_path / "payload-ran"
+    out.mkdir()
+    if kind == "payload":
+        torch.save({"version": 2, "model": _Payload(marker)}, out / "checkpoint.pt")
+        message = "holds more than tensors and plain values"
+    else:
+        trainer = Trainer(tiny(family="vlae"))
+        trainer.run(until=4)
+        trainer.save_checkpoint(out / "checkpoint.pt")
+        data = (out / "checkpoint.pt").read_bytes()
+        (out / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+        message = "is unreadable"
+    r = cli(["train", *sets({**TINY, "family": "vlae"}), "--out", str(out)], tmp_path, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: checkpoint ") and message in lines[0], r.stderr
+    assert not marker.exists()  # the pickle's code never ran
+    assert not (out / "result.json").exists()
