@@ -16,6 +16,18 @@ from provlae.config import parse_assignments
 from provlae.errors import ConfigError, ProvlaeError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a directory name and a safe MLflow filter value
+# An MLflow experiment name becomes a folder of the artifact store: one name, no path in it.
+EXPERIMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_. -]{0,199}$")
+
+
+def check_names(name: str, experiment: str) -> None:
+    """--name and --experiment each become one folder name (Ray storage, MLflow artifacts)."""
+    if not NAME.match(name) or ".." in name:
+        raise ConfigError(f"--name must be one folder name: letters, digits, '_', '.' or '-' (no '..', no "
+                          f"'/'), got {name!r}")
+    if not EXPERIMENT.match(experiment) or ".." in experiment:
+        raise ConfigError(f"--experiment must be one folder name: letters, digits, ' ', '_', '.' or '-', at most "
+                          f"200 characters (no '..', no '/'), got {experiment!r}")
 
 
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:
@@ -44,8 +56,7 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
 def resolve_common(args: argparse.Namespace, default_name: str) -> None:
     """Fill defaults that depend on the environment, and check the shared flags."""
     args.name = args.name or default_name
-    if not NAME.match(args.name):
-        raise ConfigError(f"--name must be letters, digits, '_', '.' or '-', got {args.name!r}")
+    check_names(args.name, args.experiment)
     args.tracking_uri = args.tracking_uri or paths.default_tracking_uri()
     if args.storage is None or "://" not in args.storage:
         args.storage = str(Path(args.storage or paths.default_storage()).expanduser().resolve())

@@ -125,7 +125,12 @@ def test_dry_run_of_the_real_script():
     (["--seeds", "0,1.5"], "seed must be an integer"),
     (["--set", "nope=1"], "unknown config key"),
     (["--set", "lr=abc"], "lr must be a float"),
-    (["--name", "a/b"], "--name"),
+    (["--name", "a/b"], "--name must be one folder name"),
+    (["--name", "a..b"], "--name must be one folder name"),
+    (["--name", "/abs"], "--name must be one folder name"),
+    (["--experiment", "../outside"], "--experiment must be one folder name"),
+    (["--experiment", "/tmp/x"], "--experiment must be one folder name"),
+    (["--experiment", "a/b"], "--experiment must be one folder name"),
 ])
 def test_bad_input_is_one_error_line_and_status_2(tmp_path, args, message):
     db = tmp_path / "mlflow.db"
