@@ -67,17 +67,15 @@ def _sqlite_path(uri: str) -> Path:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Raise TrackingError, within ``timeout`` seconds, unless the store at ``uri`` can be used."""
+    """Raise TrackingError, within ``timeout`` seconds, unless the store at ``uri`` can be used. A server
+    is asked ``/health`` and then one API call with the client's credentials (MLflow's own environment:
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, or ``MLFLOW_TRACKING_TOKEN``), so missing
+    or wrong credentials, or an API that fails behind a healthy /health, are one error before Ray starts."""
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme in ("http", "https"):
-        health = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(health, timeout=timeout) as response:
-                if response.status != 200:
-                    raise TrackingError(f"tracking server {uri} answered {response.status} on /health")
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
-            raise TrackingError(f"tracking server {uri} is not reachable ({reason})") from None
+        base = uri.rstrip("/")
+        _get(f"{base}/health", uri, timeout, {})
+        _get(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", uri, timeout, auth_headers())
     elif parsed.scheme in ("sqlite", "file"):
         folder = _sqlite_path(uri).parent if parsed.scheme == "sqlite" else Path(parsed.path)
         try:
@@ -86,6 +84,38 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise TrackingError(f"tracking store {uri}: cannot create {folder} ({e.strerror})") from None
         if not os.access(folder, os.W_OK):
             raise TrackingError(f"tracking store {uri}: {folder} is not writable")
+
+
+def auth_headers() -> dict[str, str]:
+    """The Authorization header MLflow's client sends, from the same environment variables."""
+    import base64
+
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
+    return {}
+
+
+def _get(url: str, uri: str, timeout: float, headers: dict[str, str]) -> None:
+    what = "/health" if url.endswith("/health") else "its API"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+            if response.status != 200:
+                raise TrackingError(f"tracking server {uri} answered {response.status} on {what}")
+    except urllib.error.HTTPError as e:
+        if e.code == 401:
+            given = "were refused" if headers else "are missing"
+            raise TrackingError(f"tracking server {uri} requires authentication and the credentials {given} "
+                                f"(HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+        if e.code == 403:
+            raise TrackingError(f"tracking server {uri}: user {os.environ.get('MLFLOW_TRACKING_USERNAME')!r} "
+                                f"may not read experiments (HTTP 403): ask its admin for permission") from None
+        raise TrackingError(f"tracking server {uri} answered HTTP {e.code} on {what}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingError(f"tracking server {uri} is not reachable ({reason})") from None
 
 
 def client(uri: str) -> "MlflowClient":

@@ -107,15 +107,25 @@ def stop_group(proc: subprocess.Popen, grace: float = 2.0) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, timeout: float = 90.0) -> Iterator[str]:
-    """``mlflow server`` on 127.0.0.1 with a sqlite store and local artifacts under ``folder``; yields its URL."""
+def mlflow_server(folder: Path, timeout: float = 90.0, admin_password: str | None = None) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 with a sqlite store and local artifacts under ``folder``; yields its URL.
+    With ``admin_password``: MLflow's basic-auth app, its user store in ``folder``, user ``admin``."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
            "--default-artifact-root", str(folder / "artifacts")]
+    env = dict(os.environ)
+    if admin_password is not None:
+        ini = folder / "basic_auth.ini"
+        ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                       f"database_uri = sqlite:///{folder / 'basic_auth.db'}\nadmin_username = admin\n"
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+                   MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex())
+        cmd += ["--app-name", "basic-auth"]
     log = open(folder / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: http_status(f"{url}/health") == 200, timeout, "mlflow server", proc=proc)
