@@ -148,6 +148,28 @@ def test_mlflow_server_takes_its_database_from_a_secret():
     assert "secretKeyRef" in env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]
     assert "secretKeyRef" in env["MLFLOW_ARTIFACTS_DESTINATION"]["valueFrom"]
     assert "--serve-artifacts" in server["command"] + server.get("args", [])
+    # MLflow's basic-auth app, its admin password and CSRF key from the Secret
+    assert "--app-name basic-auth" in " ".join(server["command"])
+    for name in ("MLFLOW_AUTH_DATABASE_URI", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert "secretKeyRef" in env[name]["valueFrom"], name
+
+
+def test_ray_pods_log_in_to_mlflow_with_a_user_from_a_secret():
+    (job,) = load_all("kuberay/rayjob.yaml")
+    spec = job["spec"]["rayClusterSpec"]
+    pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        for container in containers(pod):
+            env = env_of(container)
+            for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "provlae-mlflow-user", name
+
+
+def test_vm_mlflow_server_runs_basic_auth_with_secrets_from_the_secret_store():
+    script = (CLUSTER / "mlflow-server.sh").read_text()
+    assert "--app-name basic-auth" in script or "app=(--app-name basic-auth)" in script
+    for name in ("aws.yaml", "gcp.yaml"):
+        assert "PROVLAE_AUTH_COMMAND=" in (CLUSTER / name).read_text(), name
 
 
 SECRET_PATTERNS = {
