@@ -195,3 +195,26 @@ def _terminated(folder: Path) -> list[str]:
 
 def _result_lines(trial_dir: Path) -> int:
     return len((trial_dir / "result.json").read_text().splitlines())
+
+
+def test_the_sweeps_local_ray_refuses_a_driver_without_the_token(local_ray, tmp_path):
+    """The local Ray a sweep starts has token auth on: a driver without the token, or with a wrong one,
+    cannot join it; the machine's token can."""
+    probe = ("import ray, sys\n"
+             "try:\n"
+             f"    ray.init(address={local_ray!r}, log_to_driver=False)\n"
+             "except Exception as e:\n"
+             "    print('REFUSED', type(e).__name__, str(e)[:300]); sys.exit(3)\n"
+             "print('JOINED', ray.cluster_resources()['CPU'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS",
+                                                             "RAY_AUTH_MODE")}
+    no_token = {**env, "HOME": str(tmp_path)}  # a home of its own: no ~/.ray/auth_token
+    for case in (no_token, {**no_token, "RAY_AUTH_MODE": "token"},
+                 {**no_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}):
+        out = subprocess.run([sys.executable, "-c", probe], env=case, capture_output=True, text=True, timeout=120)
+        said = out.stdout + out.stderr
+        assert out.returncode == 3 and "REFUSED" in out.stdout, said[-2000:]
+        assert "no authentication token was found" in said or "InvalidAuthToken" in said, said[-2000:]
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "RAY_AUTH_MODE": "token"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "JOINED 2.0" in out.stdout, out.stdout + out.stderr[-2000:]
