@@ -48,6 +48,9 @@ from provlae.config import FAMILIES
 
 ORDERING_WORDS = {True: "holds", False: "does not hold", None: "cannot be checked"}
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local (sqlite / file) store by default
+# MLflow 3's UI opens on its GenAI side ("Overview": traces, tokens) unless told otherwise, whatever the
+# experiment's kind tag; this query selects its "Model training" side (older UIs ignore it).
+TRAINING_VIEW = "?workflowType=machine_learning"
 DEFAULT_BEST_BY = "mig_sup"  # the paper's proposed metric picks each family's best run
 SWEEP_AXES = ("preset", "datasets", "families", "betas", "seeds", "overrides", "fuse")
 STAGE_FIGURE = re.compile(r"figures/stage(\d+)/(information|traversal)\.png")
@@ -65,11 +68,12 @@ def ui_base(tracking_uri: str, ui_url: str | None = None) -> str:
 
 
 def runs_table_url(base: str, experiment_id: str) -> str:
-    return f"{base}/#/experiments/{quote(str(experiment_id))}/runs"
+    """The experiment's runs table, in the UI's model-training view."""
+    return f"{base}/#/experiments/{quote(str(experiment_id))}/runs{TRAINING_VIEW}"
 
 
 def run_url(base: str, experiment_id: str, run_id: str) -> str:
-    return f"{runs_table_url(base, experiment_id)}/{quote(run_id)}"
+    return f"{base}/#/experiments/{quote(str(experiment_id))}/runs/{quote(run_id)}{TRAINING_VIEW}"
 
 
 # ------------------------------------------------------------------------------------- the study

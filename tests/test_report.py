@@ -290,7 +290,8 @@ def test_report_numbers_are_the_top3_and_the_verdicts(store, tmp_path):
     assert shown == {(d, f): store["ids"][(d, f, beta), seed]
                      for (d, f), (beta, seed) in store["best"].items()}
     assert not {store["running"], *store["failed"]} & {r["data-run-id"] for r in page.runs}
-    links = [f"/#/experiments/{store['exp_id']}/runs/{r['data-run-id']}" for r in page.runs]
+    links = [f"/#/experiments/{store['exp_id']}/runs/{r['data-run-id']}?workflowType=machine_learning"
+             for r in page.runs]
     assert all(f'http://127.0.0.1:5000{link}"' in path.read_text() for link in links)
 
 
@@ -417,3 +418,33 @@ def test_the_page_renders_in_a_headless_browser(store, tmp_path):
         assert len(broken_images(driver)) == 1
     with Image.open(shot) as image:
         assert image.size[1] > 2000  # the whole page, not one screen
+
+
+def test_the_sweep_logs_its_report_and_says_where(store, tmp_path):
+    """The end of a sweep (sweeps.launch): the report beside the Ray results and as the parent run's
+    artifact, its path and the runs table's URL as the last lines; no finished run is one line, no error."""
+    import argparse
+
+    from sweeps.launch import report_lines, runs_table_line, write_sweep_report
+
+    client = store["client"]
+    args = argparse.Namespace(experiment=EXPERIMENT, storage=str(tmp_path / "ray"), name="main")
+    line = write_sweep_report(args, store["uri"], store["parent"], client)
+    page = tmp_path / "ray" / "main" / "report" / "index.html"
+    assert line == f"Report: {page} (also the parent run's artifact report/index.html)"
+    logged = Path(client.download_artifacts(store["parent"], "report/index.html", str(tmp_path)))
+    assert logged.read_bytes() == page.read_bytes()  # one self-contained file: every image inlined
+    images = Page(logged.read_text()).images
+    assert images and all(img["src"].startswith("data:image/png;base64,") for img in images)
+    url = f"http://127.0.0.1:5000/#/experiments/{store['exp_id']}/runs?workflowType=machine_learning"
+    assert runs_table_line(store["uri"], store["exp_id"]) == f"Runs table: {url}"
+    assert report_lines(EXPERIMENT, "main", store["uri"], str(tmp_path / "ray")) == [f"Report: {page}",
+                                                                                  f"Runs table: {url}"]
+
+    lost = client.create_experiment("all-failed")
+    parent = client.create_run(lost, tags={"provlae.role": "sweep", "sweep": "lost"}).info.run_id
+    trial(client, lost, parent, "lost", ("dsprites", "vlae", 1.0), 0, {"mig": 0.1}, "FAILED")
+    args = argparse.Namespace(experiment="all-failed", storage=str(tmp_path / "ray"), name="lost")
+    line = write_sweep_report(args, store["uri"], parent, client)
+    assert line == "Report: not written (sweep 'lost' has no FINISHED trial runs (1 FAILED))"
+    assert not (tmp_path / "ray" / "lost").exists()
