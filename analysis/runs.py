@@ -83,7 +83,7 @@ def load_sweeps(experiment: str, tracking_uri: str | None = None) -> pd.DataFram
     client, uri = client_for(tracking_uri)
     try:
         exp_id = _experiment_id(client, experiment, uri)
-        runs = [r for r in _search_all(client, exp_id) if r.data.tags.get(ROLE_TAG) == "sweep"]
+        runs = _search_all(client, exp_id, f"tags.`{ROLE_TAG}` = 'sweep'")
     except MlflowException as e:
         raise AnalysisError(f"cannot read MLflow at {uri}: {_first_line(e.message)}") from None
     rows = [{"run_id": r.info.run_id, "sweep": r.data.tags.get("sweep") or r.info.run_name,
@@ -168,10 +168,10 @@ def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     return exp.experiment_id
 
 
-def _search_all(client: MlflowClient, exp_id: str) -> list:
+def _search_all(client: MlflowClient, exp_id: str, filter_string: str = "") -> list:
     runs, token = [], None
     while True:
-        page = client.search_runs([exp_id], run_view_type=ViewType.ACTIVE_ONLY,
+        page = client.search_runs([exp_id], filter_string, run_view_type=ViewType.ACTIVE_ONLY,
                                   max_results=PAGE_SIZE, page_token=token)
         runs.extend(page)
         token = page.token
