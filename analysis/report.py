@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import html
+import numbers
 import os
 import re
 import secrets
@@ -228,8 +229,7 @@ def render(study: Study, page: Page) -> str:
         section_comparison(study),
         section_best_runs(study, page),
     ]
-    return TEMPLATE.replace("{title}", _e(f"provlae report: {study.experiment}")).replace(
-        "{css}", CSS).replace("{body}", "\n".join(body))
+    return _document(_e(f"provlae report: {study.experiment}"), "\n".join(body))
 
 
 # ------------------------------------------------------------------------------------- summary
@@ -580,7 +580,7 @@ def _fmt(value, spec: str = ".4g") -> str:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and pd.notna(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and pd.notna(value)
 
 
 def _first(text) -> str:
@@ -592,19 +592,12 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", str(name)) or "run"
 
 
-TEMPLATE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<style>{css}</style>
-</head>
-<body>
-{body}
-</body>
-</html>
-"""
+def _document(title: str, body: str) -> str:
+    """The page around ``body`` (both escaped already)."""
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{title}</title>\n'
+            f"<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+
 
 CSS = """
 body { font-family: system-ui, -apple-system, "DejaVu Sans", sans-serif; margin: 1.5rem auto;

@@ -6,6 +6,7 @@ analysis/. One test opens the page in a real headless Chromium and checks that i
 from __future__ import annotations
 
 import base64
+import html
 import io
 import os
 import random
@@ -42,6 +43,7 @@ RANGES = {"beta_vae": {"mig": (0.05, 0.15), "mig_sup": (0.05, 0.15)},
           "pro_vlae": {"mig": (0.50, 0.60), "mig_sup": (0.40, 0.50)},
           "teacher_student": {"mig": (0.0, 0.05), "mig_sup": (0.0, 0.05)}}
 HARDWARE = "cpu: 2 threads, x86_64 (test host)"
+ERROR = 'RuntimeError: <img src="x" alt="injected"> & <b>more</b>'
 
 
 def raw_values() -> dict:
@@ -158,6 +160,7 @@ def store(tmp_path_factory):
     perfect = {"mig": 0.99, "mig_sup": 0.99, "factor_score": 1.0, "recon_error": 1.0}
     failed = [trial(client, exp_id, parent, "main", ("dsprites", "pro_vlae", 1.0), 4, perfect, "FAILED"),
               trial(client, exp_id, parent, "main", ("dsprites", "beta_vae", 16.0), 0, {}, "FAILED")]
+    client.set_tag(failed[0], "error", ERROR)  # shown on the page: as text, never as markup
     running = trial(client, exp_id, parent, "main", ("dsprites", "vlae", 4.0), 4, perfect, "RUNNING")
     client.set_terminated(parent, "FAILED", end_time=T0 + 600_000)
     # A second sweep in the same experiment: pooled only without --sweep.
@@ -284,6 +287,9 @@ def test_report_numbers_are_the_top3_and_the_verdicts(store, tmp_path):
     assert float(facts["wall time"]["attrs"]["data-seconds"]) == 600.0  # the parent run's start to end
     assert float(facts["compute (sum over trial runs)"]["attrs"]["data-seconds"]) == 20.0 * (recorded - 1)
     assert facts["hardware"]["text"] == HARDWARE
+    text = path.read_text()
+    assert html.escape(ERROR) in text and ERROR not in text
+    assert "injected" not in {img.get("alt") for img in page.images}
 
     # The best run of each family by MIG-sup (never the failed or the running one, both 'perfect').
     shown = {(r["data-dataset"], r["data-family"]): r["data-run-id"] for r in page.runs}
