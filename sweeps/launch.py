@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = "provlae_sweep.json"  # the grid a sweep folder was started with
 TABLE_METRICS = ("mig", "mig_sup", "factor_score", "recon_error")
 MAX_LISTED = 20  # failed trials listed in the summary: it stays one screen
+REPORT_TOP_K = 3  # the paper's top-3 seeds per cell, or all of a sweep's seeds when it has fewer
 REPORT_DIR = "report"  # the report's folder: in the sweep folder, and as the parent run's artifact folder
 
 
@@ -73,7 +74,8 @@ def run_sweep(configs: list[TrialConfig], args: argparse.Namespace, description:
     print(f"\nMLflow experiment {args.experiment!r} at {uri}, parent run {parent}")
     print(ui_hint(uri))
     if getattr(args, "report", True):
-        print(write_sweep_report(args, uri, parent, mlflow))
+        k = min(REPORT_TOP_K, len({c.seed for c in configs}))  # a sweep of 2 seeds reports the top 2
+        print(write_sweep_report(args, uri, parent, mlflow, k=k))
     print(runs_table_line(uri, experiment_id))
     return 1 if failures or unfinished else 0
 
@@ -287,15 +289,15 @@ def report_folder(storage: str, name: str) -> Path:
     return Path(storage) / name / REPORT_DIR
 
 
-def write_sweep_report(args: argparse.Namespace, uri: str, parent: str, mlflow) -> str:
-    """Write this sweep's report and log it to the parent run (``report/index.html``: the MLflow UI shows
-    it); the line that says where. A report that cannot be made (no trial finished, say) is that one line,
-    and never changes the sweep's outcome."""
+def write_sweep_report(args: argparse.Namespace, uri: str, parent: str, mlflow, k: int = REPORT_TOP_K) -> str:
+    """Write this sweep's report (top ``k`` seeds per cell) and log it to the parent run
+    (``report/index.html``: the MLflow UI shows it); the line that says where. A report that cannot be
+    made (no trial finished, say) is that one line, and never changes the sweep's outcome."""
     from analysis.report import write_report
 
     try:
         path = write_report(args.experiment, report_folder(args.storage, args.name), tracking_uri=uri,
-                            sweep=args.name)
+                            sweep=args.name, k=k)
         mlflow.log_artifact(parent, str(path), REPORT_DIR)
     except ProvlaeError as e:
         return f"Report: not written ({last_line(str(e))})"
