@@ -86,6 +86,7 @@ def test_smoke_sweep_tracks_one_run_per_trial(local_ray, store, capsys, check_sw
     assert [a.path for a in logged] == ["report/index.html"]
     html = page.read_text()
     assert all(name in html for name in expected) and 'id="topk-dsprites"' in html
+    assert "<h2>Top-1 per dataset</h2>" in html  # one seed per cell: the top 1, no cell incomplete
     for run in runs.values():  # what the trial ran on, for the report
         assert run.data.tags["hardware"].startswith("cpu: ")
     pro = runs["pro_vlae-dsprites-b1-s0"]
