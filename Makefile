@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 
 # The demo sweep on a local Ray (no address: started for the run), tracked in the default MLflow store
 # (sqlite under the user data directory): the paper's comparison at beta = 4, 2 seeds per family; then the
-# top-2 table and the family comparison.
+# top-2 table and the family comparison; last, where the sweep's study report is and the URL of the runs
+# table (once the MLflow UI runs).
 demo: $(STAMP)
 	$(BIN)/python sweeps/full_grid.py --preset demo --experiment demo
 	$(BIN)/python -m analysis top3 --experiment demo --k 2
@@ -29,6 +30,8 @@ demo: $(STAMP)
 	@$(BIN)/python -c "from provlae.paths import default_tracking_uri as u; \
 	print('Figures: each run holds the paper figures as artifacts, figures/stage<s>/ at every stage end'); \
 	print(f'Compare the runs in the MLflow UI: $(BIN)/mlflow ui --backend-store-uri {u()} --host 127.0.0.1')"
+	@$(BIN)/python -c "from sweeps.launch import report_lines; \
+	print(*report_lines('demo', 'full_grid-demo'), sep='\n')"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -5,6 +5,7 @@
   export   every trial run, failed ones too, to a parquet file
   compare  per dataset, the family that leads each metric at its best β, and by how much
   trials   trials ranked by an objective (e.g. an Optuna search: --search optuna)
+  report   one self-contained HTML page of the study (--out DIR: DIR/index.html)
 
 Bad input (unknown experiment or metric, no runs) prints one ``error: ...`` line and exits with 2.
 """
@@ -20,6 +21,7 @@ import pandas as pd
 
 from analysis.errors import AnalysisError
 from analysis.figures import write_figures, write_stage_figure
+from analysis.report import write_report
 from analysis.runs import export_parquet, load_runs, stage_information
 from analysis.topk import METRICS, compare, rank_trials, top_k, verdict, wide
 from provlae.errors import ProvlaeError
@@ -78,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--mode", choices=("max", "min"), help="default: min for losses and recon_error")
     sub.add_argument("--limit", type=int, help="show the best N only")
     output_format(sub)
+    sub = command("report", cmd_report, "one self-contained HTML page of the study: DIR/index.html")
+    ranking(sub)
+    sub.add_argument("--out", required=True, type=Path, help="the report's folder (an earlier report there "
+                                                             "is replaced)")
+    sub.add_argument("--sweep", help="only this sweep's runs (default: every sweep of the experiment, "
+                                     "pooled)")
+    sub.add_argument("--best-by", metavar="METRIC",
+                     help="picks each family's best run (default: --rank-by, else mig_sup)")
+    sub.add_argument("--ui-url", help="the MLflow UI the links point to (default: a tracking server's URL, "
+                                      "else http://127.0.0.1:5000 as `mlflow ui` serves)")
     return parser
 
 
@@ -132,6 +144,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     top = top_k(load_runs(args.experiment, args.tracking_uri), k=args.k, rank_by=args.rank_by)
     print(verdict(compare(top), k=args.k))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    path = write_report(args.experiment, args.out, tracking_uri=args.tracking_uri, sweep=args.sweep, k=args.k,
+                        rank_by=args.rank_by, best_by=args.best_by, ui_url=args.ui_url)
+    print(f"Report: {path}")
 
 
 def cmd_trials(args: argparse.Namespace) -> None:

@@ -52,7 +52,7 @@ def fig3(cells: pd.DataFrame, title: str) -> Figure:
     """MIG (x) against MIG-sup (y): better disentanglement sits top right."""
     fig = Figure(figsize=(5.5, 4.5), layout="constrained")
     _scatter(fig.subplots(), cells, "mig", "mig_sup")
-    fig.suptitle(f"Fig. 3 - MIG vs. MIG-sup ({title})")
+    fig.suptitle(f"Fig. 3 - MIG vs. MIG-sup\n({title})", fontsize="medium")
     return fig
 
 
@@ -63,7 +63,8 @@ def _scatter(ax, cells: pd.DataFrame, x: str, y: str) -> None:
         ax.errorbar(group[x], group[y], xerr=_std(group, x), yerr=_std(group, y), fmt="none",
                     ecolor=color, alpha=0.35, linewidth=1)
         done = group[~group["incomplete"].astype(bool)]
-        ax.scatter(done[x], done[y], color=color, label=family, zorder=3)
+        if not done.empty:  # an empty scatter would still add a legend entry
+            ax.scatter(done[x], done[y], color=color, label=family, zorder=3)
         partial = group[group["incomplete"].astype(bool)]
         if not partial.empty:
             ax.scatter(partial[x], partial[y], facecolors="none", edgecolors=color, zorder=3,

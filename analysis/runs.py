@@ -6,8 +6,10 @@ are the latest value of each key, which is the final evaluation.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -26,6 +28,7 @@ PARENT_TAG = "mlflow.parentRunId"
 FIRST_COLUMNS = ("run_id", "run_name", "status", "start_time", "end_time",
                  "family", "dataset", "beta", "seed")
 PAGE_SIZE = 1000
+PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 _DECLARED = {f.name: str(f.type).replace("| None", "").strip() for f in dataclasses.fields(TrialConfig)}
 _NONE_WORDS = {"None", "none", "null", ""}
 _BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}
@@ -69,8 +72,72 @@ def load_runs(experiment: str, tracking_uri: str | None = None, include_failed: 
         counts = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r.info.status for r in trials).items()))
         raise AnalysisError(f"experiment {experiment!r} has no FINISHED trial runs ({counts})")
     frame = _frame(kept)
-    frame.attrs.update(experiment=experiment, tracking_uri=uri)
+    frame.attrs.update(experiment=experiment, experiment_id=exp_id, tracking_uri=uri)
     return frame
+
+
+def load_sweeps(experiment: str, tracking_uri: str | None = None) -> pd.DataFrame:
+    """One row per sweep (parent) run of ``experiment``, tagged ``provlae.role=sweep``: ``run_id``,
+    ``sweep``, ``status``, ``start_time``, ``end_time`` and the params the sweep described itself with
+    (preset, axes, trial count, ...), cast as in load_runs. Empty (with those columns) when there is none."""
+    client, uri = client_for(tracking_uri)
+    try:
+        exp_id = _experiment_id(client, experiment, uri)
+        runs = _search_all(client, exp_id, f"tags.`{ROLE_TAG}` = 'sweep'")
+    except MlflowException as e:
+        raise AnalysisError(f"cannot read MLflow at {uri}: {_first_line(e.message)}") from None
+    rows = [{"run_id": r.info.run_id, "sweep": r.data.tags.get("sweep") or r.info.run_name,
+             "status": r.info.status, "start_time": r.info.start_time, "end_time": r.info.end_time,
+             **{k: _guess(v) for k, v in r.data.params.items()}} for r in runs]
+    empty = ["run_id", "sweep", "status", "start_time", "end_time"]
+    frame = pd.DataFrame(rows, columns=None if rows else empty)
+    for column in ("start_time", "end_time"):
+        frame[column] = pd.to_datetime(frame[column].astype(float), unit="ms", utc=True)
+    frame = frame.sort_values("start_time", kind="stable").reset_index(drop=True)
+    frame.attrs.update(experiment=experiment, experiment_id=exp_id, tracking_uri=uri)
+    return frame
+
+
+def run_artifacts(run_id: str, folder: str = "figures", tracking_uri: str | None = None) -> list[str]:
+    """Paths of every file logged under ``folder`` of a run's artifacts, sub-folders included."""
+    client, uri = client_for(tracking_uri)
+    paths, todo = [], [folder]
+    try:
+        while todo:
+            for item in client.list_artifacts(run_id, todo.pop()):
+                (todo if item.is_dir else paths).append(item.path)
+    except MlflowException as e:
+        raise AnalysisError(f"cannot list the artifacts of run {run_id} at {uri}: "
+                            f"{_first_line(e.message)}") from None
+    return sorted(paths)
+
+
+def fetch_artifact(run_id: str, path: str, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
+    """Download one artifact file of a run to ``out_dir/<path>`` (its folders kept: runs hold files of the
+    same name in several folders); the local path."""
+    client, uri = client_for(tracking_uri)
+    folder = Path(out_dir, path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with _no_progress_bar():
+            return Path(client.download_artifacts(run_id, path, str(folder)))
+    except (MlflowException, OSError) as e:
+        message = _first_line(e.message) if isinstance(e, MlflowException) else str(e)
+        raise AnalysisError(f"cannot fetch artifact {path} of run {run_id} at {uri}: {message}") from None
+
+
+@contextlib.contextmanager
+def _no_progress_bar():
+    """MLflow draws a progress bar per download on stderr; a report fetches a dozen files."""
+    before = os.environ.get(PROGRESS_BAR)
+    os.environ[PROGRESS_BAR] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PROGRESS_BAR, None)
+        else:
+            os.environ[PROGRESS_BAR] = before
 
 
 def export_parquet(df: pd.DataFrame, path: str | Path) -> Path:
@@ -101,10 +168,10 @@ def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     return exp.experiment_id
 
 
-def _search_all(client: MlflowClient, exp_id: str) -> list:
+def _search_all(client: MlflowClient, exp_id: str, filter_string: str = "") -> list:
     runs, token = [], None
     while True:
-        page = client.search_runs([exp_id], run_view_type=ViewType.ACTIVE_ONLY,
+        page = client.search_runs([exp_id], filter_string, run_view_type=ViewType.ACTIVE_ONLY,
                                   max_results=PAGE_SIZE, page_token=token)
         runs.extend(page)
         token = page.token

@@ -93,6 +93,22 @@ def wide(top: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def best_per_family(top: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset, metric and family: the family's best cell over β (its top-k mean), best family first.
+
+    Columns: dataset, metric, family, beta, value, std, incomplete. Ties go to the smaller β.
+    """
+    rows = []
+    for (dataset, metric), group in top.groupby(["dataset", "metric"], sort=True):
+        lower = metric in LOWER_IS_BETTER
+        ordered = group.sort_values(["top_k_mean", "beta"], ascending=[lower, True], kind="stable")
+        for cell in ordered.drop_duplicates("family").itertuples():
+            rows.append({"dataset": dataset, "metric": metric, "family": cell.family, "beta": cell.beta,
+                         "value": cell.top_k_mean, "std": cell.top_k_std,
+                         "incomplete": bool(cell.incomplete)})
+    return pd.DataFrame(rows, columns=["dataset", "metric", "family", "beta", "value", "std", "incomplete"])
+
+
 def compare(top: pd.DataFrame) -> pd.DataFrame:
     """Per dataset and metric: the family that leads at its best β, and its margin over the runner-up.
 
@@ -100,22 +116,48 @@ def compare(top: pd.DataFrame) -> pd.DataFrame:
     runner_up_value, margin (always >= 0: how much better the leader is), leader_incomplete.
     """
     rows = []
-    for (dataset, metric), group in top.groupby(["dataset", "metric"], sort=True):
-        lower = metric in LOWER_IS_BETTER
-        ordered = group.sort_values(["top_k_mean", "beta"], ascending=[lower, True], kind="stable")
-        per_family = ordered.drop_duplicates("family")  # each family at its best β
+    for (dataset, metric), per_family in best_per_family(top).groupby(["dataset", "metric"], sort=True):
         lead = per_family.iloc[0]
         second = per_family.iloc[1] if len(per_family) > 1 else None
-        margin = float("nan") if second is None else abs(lead.top_k_mean - second.top_k_mean)
+        margin = float("nan") if second is None else abs(lead.value - second.value)
         rows.append({
             "dataset": dataset, "metric": metric, "leader": lead.family, "leader_beta": lead.beta,
-            "leader_value": lead.top_k_mean,
+            "leader_value": lead.value,
             "runner_up": None if second is None else second.family,
             "runner_up_beta": float("nan") if second is None else second.beta,
-            "runner_up_value": float("nan") if second is None else second.top_k_mean,
+            "runner_up_value": float("nan") if second is None else second.value,
             "margin": margin, "leader_incomplete": bool(lead.incomplete),
         })
     return pd.DataFrame(rows)
+
+
+PAPER_ORDER = ("pro_vlae", "vlae", "beta_vae")  # the paper's finding on MIG and MIG-sup (§4, Fig. 2/3)
+PAPER_ORDER_METRICS = ("mig", "mig_sup")
+
+
+def paper_ordering(top: pd.DataFrame, order: tuple[str, ...] = PAPER_ORDER,
+                   metrics: tuple[str, ...] = PAPER_ORDER_METRICS) -> pd.DataFrame:
+    """Whether ``order`` (best first) holds per dataset and metric, each family at its best β.
+
+    Columns: dataset, metric, holds (True/False, None when a family of ``order`` has no value),
+    values ({family: (β, top-k mean)} of the families present) and missing (families without a value).
+    The ordering holds when each family's value is strictly better than the next one's (higher, or lower
+    for a metric in LOWER_IS_BETTER).
+    """
+    best = best_per_family(top)
+    rows = []
+    for dataset in sorted(top["dataset"].unique()):
+        for metric in metrics:
+            cells = best[(best["dataset"] == dataset) & (best["metric"] == metric)].set_index("family")
+            values = {f: (float(cells.at[f, "beta"]), float(cells.at[f, "value"]))
+                      for f in order if f in cells.index}
+            missing = [f for f in order if f not in values]
+            sign = -1 if metric in LOWER_IS_BETTER else 1
+            holds = None if missing else all(sign * (values[a][1] - values[b][1]) > 0
+                                             for a, b in zip(order, order[1:]))
+            rows.append({"dataset": dataset, "metric": metric, "holds": holds, "values": values,
+                         "missing": missing})
+    return pd.DataFrame(rows, columns=["dataset", "metric", "holds", "values", "missing"])
 
 
 def verdict(comparison: pd.DataFrame, k: int = 3) -> str:

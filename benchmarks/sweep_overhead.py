@@ -72,7 +72,7 @@ def run_tune(configs, work: Path) -> tuple[float, float]:
     tracking.open_experiment(tracking.client(uri), "overhead")  # a store's tables are made once, not per sweep
     args = argparse.Namespace(name="overhead", experiment="overhead", tracking_uri=uri,
                               storage=str(work / "ray"), cpus_per_trial=1.0, gpus_per_trial=0.0, max_failures=0,
-                              max_concurrent=1, address=None)
+                              max_concurrent=1, address=None, report=False)  # Tune + MLflow alone
     start = time.perf_counter()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})

@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python sweeps/full_grid.py --preset paper --gpus-per-trial 0.25
     python sweeps/full_grid.py --preset smoke --betas 1,4 --seeds 2 --set lr=1e-3 --dry-run
 
-Re-running the same command resumes an interrupted sweep. Exit status: 0 all trials finished, 1 some
+Re-running the same command resumes an interrupted sweep. At the end the study report is written (its
+path and the MLflow runs table's URL are the last two lines). Exit status: 0 all trials finished, 1 some
 failed (or did not finish), 2 a user error found before anything started.
 """
 from __future__ import annotations
@@ -36,6 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fused-kernels", choices=("auto", "batched", "sequential"), default="auto",
                         help="a fused group's kernels: batched (stacked, one vmap; the GPU's path), sequential "
                              "(members in turn), auto (batched on CUDA, sequential on CPU)")
+    parser.add_argument("--no-report", dest="report", action="store_false",
+                        help="skip the study report at the end (report/index.html in the sweep folder, and "
+                             "the parent run's artifact report/index.html)")
     add_sweep_args(parser)
     return parser.parse_args(argv)
 

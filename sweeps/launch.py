@@ -3,6 +3,8 @@
 Order matters for the error contract: configs are validated by the caller, then the tracking store is
 checked (bounded time), then the sweep folder; only then does Ray start and the parent run get made.
 Re-running the same command resumes the experiment (``Tuner.restore``); finished trials never run again.
+At the end the study report (analysis/report.py) of the sweep is written beside its Ray results and logged
+to its parent run; the last two lines say where it is and where the MLflow runs table is.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from provlae import paths
 from provlae.config import TrialConfig
-from provlae.errors import ConfigError
+from provlae.errors import ConfigError, ProvlaeError
 from sweeps import tracking
 from sweeps.trainable import GROUP_KEY, group_configs, group_label, train_group, train_trial, trial_config
 
@@ -22,6 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = "provlae_sweep.json"  # the grid a sweep folder was started with
 TABLE_METRICS = ("mig", "mig_sup", "factor_score", "recon_error")
 MAX_LISTED = 20  # failed trials listed in the summary: it stays one screen
+REPORT_TOP_K = 3  # the paper's top-3 seeds per cell, or all of a sweep's seeds when it has fewer
+REPORT_DIR = "report"  # the report's folder: in the sweep folder, and as the parent run's artifact folder
 
 
 def check_trial_data(configs: list[TrialConfig]) -> None:
@@ -68,6 +73,10 @@ def run_sweep(configs: list[TrialConfig], args: argparse.Namespace, description:
         tracking.end_parent(mlflow, parent, failed=len(failures))
     print(f"\nMLflow experiment {args.experiment!r} at {uri}, parent run {parent}")
     print(ui_hint(uri))
+    if getattr(args, "report", True):
+        k = min(REPORT_TOP_K, len({c.seed for c in configs}))  # a sweep of 2 seeds reports the top 2
+        print(write_sweep_report(args, uri, parent, mlflow, k=k))
+    print(runs_table_line(uri, experiment_id))
     return 1 if failures or unfinished else 0
 
 
@@ -268,6 +277,52 @@ def format_table(rows: list[dict]) -> str:
 
 def _cell(value) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+# ---------------------------------------------------------------------------------- the report
+
+
+def report_folder(storage: str, name: str) -> Path:
+    """Where a sweep's report is written: in its sweep folder when that is local, else under the data home."""
+    if "://" in storage:
+        return paths.data_home() / "reports" / name
+    return Path(storage) / name / REPORT_DIR
+
+
+def write_sweep_report(args: argparse.Namespace, uri: str, parent: str, mlflow, k: int = REPORT_TOP_K) -> str:
+    """Write this sweep's report (top ``k`` seeds per cell) and log it to the parent run
+    (``report/index.html``: the MLflow UI shows it); the line that says where. A report that cannot be
+    made (no trial finished, say) is that one line, and never changes the sweep's outcome."""
+    from analysis.report import write_report
+
+    try:
+        path = write_report(args.experiment, report_folder(args.storage, args.name), tracking_uri=uri,
+                            sweep=args.name, k=k)
+        mlflow.log_artifact(parent, str(path), REPORT_DIR)
+    except ProvlaeError as e:
+        return f"Report: not written ({last_line(str(e))})"
+    except Exception as e:  # noqa: BLE001 - the trials' results stand whatever happens to their summary page
+        return f"Report: not written ({type(e).__name__}: {last_line(str(e))})"
+    return f"Report: {path} (also the parent run's artifact {REPORT_DIR}/{path.name})"
+
+
+def runs_table_line(uri: str, experiment_id: str) -> str:
+    from analysis.report import runs_table_url, ui_base
+
+    return f"Runs table: {runs_table_url(ui_base(uri), experiment_id)}"
+
+
+def report_lines(experiment: str, name: str, tracking_uri: str | None = None,
+                 storage: str | None = None) -> list[str]:
+    """The two last lines of a finished sweep, again (``make demo`` ends with them): its report's path and
+    the experiment's runs table, from the default store and storage unless given."""
+    uri = tracking.normalize_uri(tracking_uri or paths.default_tracking_uri())
+    exp = tracking.client(uri).get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"no MLflow experiment {experiment!r} at {uri}")
+    page = report_folder(storage or str(paths.default_storage()), name) / "index.html"
+    report = f"Report: {page}" if page.is_file() else f"Report: none at {page} (see the sweep's output)"
+    return [report, runs_table_line(uri, exp.experiment_id)]
 
 
 def ui_hint(uri: str) -> str:

@@ -1,11 +1,13 @@
 """The MLflow contract of a sweep (DESIGN §3.3), shared with analysis/.
 
-- experiment: ``--experiment``; one parent run per sweep, tagged ``provlae.role=sweep`` and ``sweep=<name>``,
-  found again by those tags when the sweep is resumed.
+- experiment: ``--experiment``, tagged ``mlflow.experimentKind`` = ``custom_model_development`` (MLflow's
+  kind for model training, as opposed to GenAI development).
+- one parent run per sweep, tagged ``provlae.role=sweep`` and ``sweep=<name>``, found again by those tags
+  when the sweep is resumed; at the end it holds the study report, ``report/index.html``.
 - one child run per trial, named ``cfg.run_name``, tagged ``mlflow.parentRunId``, ``provlae.role=trial``,
-  ``family``, ``dataset``, ``sweep``, ``ray_trial_id``; params = every TrialConfig field; metrics with
-  step = global training step; artifacts ``config.json``, ``figures/stage<s>/*.png`` at each stage end and
-  ``figures/*.png`` at the end.
+  ``family``, ``dataset``, ``sweep``, ``ray_trial_id``, ``hardware``; params = every TrialConfig field;
+  metrics with step = global training step; artifacts ``config.json``, ``figures/stage<s>/*.png`` at each
+  stage end and ``figures/*.png`` at the end.
 
 Exactly one run per trial: the trial itself (in its Ray worker) finds its run by a deterministic key
 (tag ``provlae.trial_key``: sweep name + resolved config) or creates it, so retries, worker deaths and
@@ -35,6 +37,9 @@ ROLE_TAG = "provlae.role"
 KEY_TAG = "provlae.trial_key"
 RESUMED_TAG = "provlae.resumed_from_step"  # set when a trial continues from a Tune checkpoint
 ERROR_TAG = "error"
+HARDWARE_TAG = "hardware"  # what the trial's last attempt ran on: "cuda: <GPU> (<host>)" or "cpu: ..."
+KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"  # MLflow 3's kind for model training ("Machine learning")
 PARENT_TAG = "mlflow.parentRunId"
 FLUSH_METRICS = 500  # buffered metric values that force a flush
 FLUSH_SECONDS = 15.0  # ... or the time since the last flush
@@ -125,20 +130,23 @@ def client(uri: str) -> "MlflowClient":
 
 
 def open_experiment(mlflow: "MlflowClient", name: str) -> str:
-    """The experiment's id, created if needed (artifacts beside a sqlite store, never in the cwd)."""
+    """The experiment's id, created if needed (artifacts beside a sqlite store, never in the cwd) and
+    tagged as model training; an existing experiment without a kind gets that tag too."""
     from mlflow.exceptions import MlflowException
 
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage != "active":
             raise TrackingError(f"MLflow experiment {name!r} is deleted: restore it or pick another --experiment")
+        if KIND_TAG not in exp.tags:  # made by an earlier version, or by hand: a kind a user set stays
+            mlflow.set_experiment_tag(exp.experiment_id, KIND_TAG, TRAINING_KIND)
         return exp.experiment_id
     uri = mlflow.tracking_uri
     location = None
     if uri.startswith("sqlite:"):
         location = (_sqlite_path(uri).parent / "mlartifacts" / name).as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(name, artifact_location=location, tags={KIND_TAG: TRAINING_KIND})
     except MlflowException:  # created meanwhile by someone else
         exp = mlflow.get_experiment_by_name(name)
         if exp is None:
@@ -209,7 +217,8 @@ class TrialRun:
         found = find_trial_run(mlflow, ctx.experiment_id, key)
         if found is None:
             tags = {**dict(ctx.tags), PARENT_TAG: ctx.parent_run_id, ROLE_TAG: "trial", KEY_TAG: key,
-                    "family": cfg.family, "dataset": cfg.dataset, "sweep": ctx.sweep, "ray_trial_id": trial_id}
+                    "family": cfg.family, "dataset": cfg.dataset, "sweep": ctx.sweep,
+                    "ray_trial_id": trial_id, HARDWARE_TAG: hardware(cfg.device)}
             run = mlflow.create_run(ctx.experiment_id, run_name=cfg.run_name, tags=tags)
             trial = cls(mlflow, run.info.run_id, "RUNNING")
             trial._describe(cfg)
@@ -221,6 +230,7 @@ class TrialRun:
         if not found.data.params:  # died between creating the run and describing it
             trial._describe(cfg)
         mlflow.set_tag(trial.run_id, "ray_trial_id", trial_id)
+        mlflow.set_tag(trial.run_id, HARDWARE_TAG, hardware(cfg.device))
         if found.info.status != "RUNNING":
             mlflow.update_run(trial.run_id, status="RUNNING")
         trial.status = "RUNNING"
@@ -283,6 +293,29 @@ class TrialRun:
         finally:
             mark_failed(self.mlflow, self.run_id, error)
             self.status = "FAILED"
+
+
+def hardware(device: str) -> str:
+    """What this process trains on, for the run's ``hardware`` tag: the GPU's name, or the CPU's and the
+    threads torch uses, and the host."""
+    import platform
+    import socket
+
+    import torch
+
+    host = socket.gethostname()
+    if device != "cpu" and torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name()} ({host})"
+    return f"cpu: {_cpu_name() or platform.machine()}, {torch.get_num_threads()} threads ({host})"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        return ""
+    return names[0] if names else ""
 
 
 def mark_failed(mlflow: "MlflowClient", run_id: str, error: BaseException | str) -> None:

@@ -162,9 +162,12 @@ def ray_head(num_cpus: int = 2, env: dict[str, str] | None = None, timeout: floa
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     temp = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's unix sockets live under it
-    port, dash = free_port(), free_port()
+    port, dash, agent = free_port(), free_port(), free_port()
+    # The dashboard agent (which runs submitted jobs) defaults to port 52365: any other Ray on the machine
+    # already holds it, and then every `ray job submit` fails with "No available agent".
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
            "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--dashboard-agent-listen-port", str(agent),
            "--num-cpus", str(num_cpus), "--temp-dir", temp, "--disable-usage-stats"]
     log = open(Path(temp) / "head.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

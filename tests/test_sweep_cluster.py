@@ -29,3 +29,14 @@ def test_job_submit_smoke_sweep(ray_head, mlflow_server, provlae_home, check_swe
     check_sweep_runs(mlflow_server, "provlae", "full_grid-smoke", configs)
     # the job ran on the cluster: results under the job's PROVLAE_HOME, nothing in the working tree
     assert (provlae_home / "ray_results" / "full_grid-smoke" / "provlae_sweep.json").exists()
+    # its report, built from the runs and figures read through the server, went back there to the parent run
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("provlae")
+    page = provlae_home / "ray_results" / "full_grid-smoke" / "report" / "index.html"
+    assert f"Report: {page} (also the parent run's artifact report/index.html)" in out.stdout
+    assert f"Runs table: {mlflow_server}/#/experiments/{exp.experiment_id}/runs" in out.stdout
+    parent, = client.search_runs([exp.experiment_id], "tags.`provlae.role` = 'sweep'")
+    logged = client.download_artifacts(parent.info.run_id, "report/index.html", str(provlae_home))
+    assert Path(logged).read_bytes() == page.read_bytes() and b'data-artifact="figures/' in page.read_bytes()

@@ -209,3 +209,20 @@ def test_records_of_an_earlier_version_are_found_again(tmp_path, provlae_home, m
     assert again.step == 1
     with pytest.raises(ConfigError, match="differs in: dtype"):
         Trainer(cfg.with_overrides({"dtype": "float64"})).load_checkpoint(tmp_path / "old.pt")
+
+
+def test_experiments_are_tagged_as_model_training(tmp_path):
+    """Experiments are of MLflow's kind for model training (custom_model_development), not GenAI."""
+    from mlflow import MlflowClient
+
+    from sweeps import tracking
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    made = tracking.open_experiment(client, "new")
+    assert client.get_experiment(made).tags[tracking.KIND_TAG] == "custom_model_development"
+    older = client.create_experiment("older")  # as an earlier version made it: no kind
+    assert tracking.open_experiment(client, "older") == older
+    assert client.get_experiment(older).tags[tracking.KIND_TAG] == "custom_model_development"
+    chosen = client.create_experiment("chosen", tags={tracking.KIND_TAG: "genai_development"})
+    tracking.open_experiment(client, "chosen")
+    assert client.get_experiment(chosen).tags[tracking.KIND_TAG] == "genai_development"  # a user's choice

@@ -73,6 +73,22 @@ def test_smoke_sweep_tracks_one_run_per_trial(local_ray, store, capsys, check_sw
         assert f"\n{name} " in out and "FINISHED" in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out
     runs = check_sweep_runs(f"sqlite:///{store / 'mlflow.db'}", "smoke", "smoke", expected)
+    # The last two lines: the study report (also the parent run's artifact) and the runs table's URL.
+    report, table = out.strip().splitlines()[-2:]
+    page = store / "ray" / "smoke" / "report" / "index.html"
+    assert report == f"Report: {page} (also the parent run's artifact report/index.html)"
+    exp = client(store).get_experiment_by_name("smoke")
+    assert table == (f"Runs table: http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs"
+                     f"?workflowType=machine_learning")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    parent = client(store).search_runs([exp.experiment_id], "tags.`provlae.role` = 'sweep'")[0]
+    logged = client(store).list_artifacts(parent.info.run_id, "report")
+    assert [a.path for a in logged] == ["report/index.html"]
+    html = page.read_text()
+    assert all(name in html for name in expected) and 'id="topk-dsprites"' in html
+    assert "<h2>Top-1 per dataset</h2>" in html  # one seed per cell: the top 1, no cell incomplete
+    for run in runs.values():  # what the trial ran on, for the report
+        assert run.data.tags["hardware"].startswith("cpu: ")
     pro = runs["pro_vlae-dsprites-b1-s0"]
     assert history(store, pro.info.run_id, "loss") == [5, 10, 15, 20, 25, 30]  # every log_every steps
     assert history(store, pro.info.run_id, "mig") == [10, 20, 30]  # every stage end
@@ -95,6 +111,8 @@ def test_diverging_cell_fails_alone(local_ray, store, capsys, check_sweep_runs):
     assert main(args) == 1
     out = capsys.readouterr().out
     assert "1 of 2 trial(s) failed" in out and "TrainingDiverged" in out
+    page = store / "ray" / "nan" / "report" / "index.html"  # the finished trial's report
+    assert out.strip().splitlines()[-2].startswith(f"Report: {page}") and page.is_file()
     bad = "beta_vae-dsprites-b1e+39-s0"
     runs = check_sweep_runs(f"sqlite:///{store / 'mlflow.db'}", "nan", "nan",
                             trials(families=["beta_vae"], betas=[1.0, 1e39]), failed={bad})
