@@ -45,6 +45,9 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", help="Ray Tune results and checkpoints: a folder every node can reach, "
                                           "or a URI such as s3://bucket/path (default: <user data dir>/"
                                           "ray_results)")
+    parser.add_argument("--storage-is-shared", action="store_true",
+                        help="--storage is a local path of a file system every node shares (NFS): allowed on a "
+                             "cluster of more than one node")
     parser.add_argument("--max-failures", type=int, default=2, help="retries per trial (default: 2)")
     parser.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, as under "

@@ -19,6 +19,7 @@ from provlae import paths
 from provlae.config import TrialConfig
 from provlae.errors import ConfigError, ProvlaeError
 from sweeps import tracking
+from sweeps.cluster_checks import check_cluster
 from sweeps.trainable import GROUP_KEY, group_configs, group_label, train_group, train_trial, trial_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +51,11 @@ def run_sweep(configs: list[TrialConfig], args: argparse.Namespace, description:
     mlflow = tracking.client(uri)
     experiment_id = tracking.open_experiment(mlflow, args.experiment)  # a bad experiment: before Ray
     folder = f"{args.storage.rstrip('/')}/{args.name}"
-    check_manifest(folder, configs, fuse_size(args))
+    check_manifest(folder, configs, fuse_size(args), write=False)
 
     init_ray(args.address)
+    check_cluster(configs, uri, args.storage, getattr(args, "storage_is_shared", False))  # before any run
+    check_manifest(folder, configs, fuse_size(args))
     parent = tracking.find_or_create_parent(mlflow, experiment_id, args.name,
                                             {**description, "trials": len(configs)})
     ctx = tracking.TrackingContext(uri, experiment_id, args.name, parent)
@@ -187,9 +190,9 @@ def trial_dirname(trial) -> str:
 # ------------------------------------------------------------------------------ sweep folder
 
 
-def check_manifest(folder: str, configs: list[TrialConfig], fuse: int = 1) -> None:
+def check_manifest(folder: str, configs: list[TrialConfig], fuse: int = 1, write: bool = True) -> None:
     """A sweep name resumes the same grid: refuse to resume a folder started with other trials, or with
-    another ``--fuse`` (Tune's saved trials are the groups)."""
+    another ``--fuse`` (Tune's saved trials are the groups). ``write``: record a new sweep's grid."""
     import pyarrow.fs
 
     digests = sorted(hashlib.sha256(json.dumps(c.identity(), sort_keys=True).encode()).hexdigest()
@@ -207,6 +210,8 @@ def check_manifest(folder: str, configs: list[TrialConfig], fuse: int = 1) -> No
         if saved.get("fuse", 1) != fuse:
             raise ConfigError(f"sweep folder {folder} was started with --fuse {saved.get('fuse', 1)}, not "
                               f"--fuse {fuse}: repeat it to resume the sweep, or pass --name for a new sweep")
+        return
+    if not write:
         return
     fs.create_dir(path)
     with fs.open_output_stream(manifest) as f:

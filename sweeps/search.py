@@ -459,6 +459,7 @@ def trial_id_of(dirname: str) -> str:
 
 def run_search(spec: SearchSpec, args: argparse.Namespace) -> int:
     """Run (or resume) the search; 0 when every trial ended (finished or stopped early), 1 otherwise."""
+    from sweeps.cluster_checks import check_cluster
     from sweeps.launch import check_trial_data, init_ray, ui_hint
 
     check_trial_data([spec.base])
@@ -470,6 +471,7 @@ def run_search(spec: SearchSpec, args: argparse.Namespace) -> int:
     started = check_manifest(folder, spec)
 
     init_ray(args.address)
+    check_cluster([spec.base], uri, args.storage, args.storage_is_shared)  # before any run
     parent = tracking.find_or_create_parent(mlflow, experiment_id, args.name, spec.describe())
     ctx = tracking.TrackingContext(uri, experiment_id, args.name, parent, tags=(SEARCH_TAG,))
     mlflow.set_tag(parent, *SEARCH_TAG)

@@ -5,7 +5,8 @@
 - one parent run per sweep, tagged ``provlae.role=sweep`` and ``sweep=<name>``, found again by those tags
   when the sweep is resumed; at the end it holds the study report, ``report/index.html``.
 - one child run per trial, named ``cfg.run_name``, tagged ``mlflow.parentRunId``, ``provlae.role=trial``,
-  ``family``, ``dataset``, ``sweep``, ``ray_trial_id``, ``hardware``; params = every TrialConfig field;
+  ``family``, ``dataset``, ``sweep``, ``ray_trial_id``, ``hardware``, ``ray_node_id``, ``ray_node_ip`` (the
+  node of the trial's latest attempt); params = every TrialConfig field;
   metrics with step = global training step; artifacts ``config.json``, ``figures/stage<s>/*.png`` at each
   stage end and ``figures/*.png`` at the end.
 
@@ -218,7 +219,7 @@ class TrialRun:
         if found is None:
             tags = {**dict(ctx.tags), PARENT_TAG: ctx.parent_run_id, ROLE_TAG: "trial", KEY_TAG: key,
                     "family": cfg.family, "dataset": cfg.dataset, "sweep": ctx.sweep,
-                    "ray_trial_id": trial_id, HARDWARE_TAG: hardware(cfg.device)}
+                    "ray_trial_id": trial_id, HARDWARE_TAG: hardware(cfg.device), **ray_node_tags()}
             run = mlflow.create_run(ctx.experiment_id, run_name=cfg.run_name, tags=tags)
             trial = cls(mlflow, run.info.run_id, "RUNNING")
             trial._describe(cfg)
@@ -229,8 +230,8 @@ class TrialRun:
             return trial
         if not found.data.params:  # died between creating the run and describing it
             trial._describe(cfg)
-        mlflow.set_tag(trial.run_id, "ray_trial_id", trial_id)
-        mlflow.set_tag(trial.run_id, HARDWARE_TAG, hardware(cfg.device))
+        _set_tags(mlflow, trial.run_id, {"ray_trial_id": trial_id, HARDWARE_TAG: hardware(cfg.device),
+                                         **ray_node_tags()})  # where this attempt runs
         if found.info.status != "RUNNING":
             mlflow.update_run(trial.run_id, status="RUNNING")
         trial.status = "RUNNING"
@@ -293,6 +294,23 @@ class TrialRun:
         finally:
             mark_failed(self.mlflow, self.run_id, error)
             self.status = "FAILED"
+
+
+def _set_tags(mlflow: "MlflowClient", run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    mlflow.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def ray_node_tags() -> dict[str, str]:
+    """The Ray node this process runs on (``ray_node_id``, ``ray_node_ip``); {} outside Ray."""
+    try:
+        import ray
+    except ImportError:
+        return {}
+    if not ray.is_initialized():
+        return {}
+    return {"ray_node_id": ray.get_runtime_context().get_node_id(), "ray_node_ip": ray.util.get_node_ip_address()}
 
 
 def hardware(device: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -186,3 +187,73 @@ def ray_head(num_cpus: int = 2, env: dict[str, str] | None = None, timeout: floa
 def _gcs_address(temp: Path, port: int) -> str:
     current = temp / "ray_current_cluster"
     return current.read_text().strip() if current.exists() else f"127.0.0.1:{port}"
+
+
+@dataclass
+class RayNode:
+    proc: subprocess.Popen  # `ray start --block`, a session leader: its session holds the node's processes
+    node_id: str
+
+
+def session_members(sid: int) -> list[int]:
+    """Every process whose session id is ``sid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[3]) == sid:  # after the name: state ppid pgrp session
+                out.append(int(entry))
+    return out
+
+
+def kill_session(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal a node's whole session (its raylet, workers, agents), then reap the leader."""
+    for pid in session_members(proc.pid) + descendants(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+def alive_node_ids(head: RayHead) -> list[str]:
+    url = f"{head.dashboard_url}/api/v0/nodes?limit=100"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {head.env['RAY_AUTH_TOKEN']}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            import json
+
+            nodes = json.load(r)["data"]["result"]["result"]
+    except (urllib.error.URLError, OSError, KeyError, ValueError):
+        return []
+    return [n["node_id"] for n in nodes if n["state"] == "ALIVE"]
+
+
+@contextlib.contextmanager
+def ray_node(head: RayHead, env: dict[str, str] | None = None, num_cpus: int = 1, hide: tuple[Path, ...] = (),
+             timeout: float = 120.0) -> Iterator[RayNode]:
+    """A second Ray node joining ``head`` (``ray start --address``) as another machine would: its own
+    session and process group, its own environment (e.g. its own PROVLAE_HOME), the head's token.
+    ``hide``: folders this node does not see (an empty tmpfs over each, in a mount namespace of its own),
+    as files that exist on the driver's machine but not on another node."""
+    before = set(wait_for(lambda: alive_node_ids(head), timeout, "ray head's node"))  # the head's raylet
+    env = {**head.env, **(env or {})}
+    cmd = [str(BIN / "ray"), "start", "--address", head.gcs_address, "--block", "--node-ip-address", "127.0.0.1",
+           "--num-cpus", str(num_cpus), "--disable-usage-stats",
+           "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
+    if hide:
+        mounts = " && ".join(f"mount -t tmpfs provlae-hidden {shlex.quote(str(p))}" for p in hide)
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               f'{mounts} && exec "$@"', "ray-node", *cmd]
+    log = tempfile.NamedTemporaryFile("w", prefix="ray-node-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        new = wait_for(lambda: set(alive_node_ids(head)) - before, timeout, "ray node", proc=proc)
+        yield RayNode(proc, next(iter(new)))
+    finally:
+        kill_session(proc, signal.SIGTERM)
+        time.sleep(1)
+        kill_session(proc)
+        log.close()
