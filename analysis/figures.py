@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from analysis.topk import wide
-from provlae.config import FAMILIES
+from provlae.models.families import family_names
 
 LABELS = {"factor_score": "factor score", "mig": "MIG", "mig_sup": "MIG-sup",
           "recon_error": "reconstruction error"}
@@ -120,9 +120,12 @@ def _std(group: pd.DataFrame, metric: str):
 
 
 def _family_order(family: str) -> tuple[int, str]:
-    return (FAMILIES.index(family) if family in FAMILIES else len(FAMILIES), family)
+    """Registered families in their display order (Family.display_order), then unknown ones by name."""
+    known = family_names()
+    return (known.index(family) if family in known else len(known), family)
 
 
 def _color(family: str) -> str:
+    known = family_names()
     order = _family_order(family)[0]
-    return f"C{order}" if family in FAMILIES else f"C{(order + sum(map(ord, family))) % 10}"
+    return f"C{order % 10}" if family in known else f"C{(order + sum(map(ord, family))) % 10}"

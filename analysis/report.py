@@ -45,7 +45,7 @@ from analysis.topk import (
     top_k,
     wide,
 )
-from provlae.config import FAMILIES
+from provlae.models.families import family_names
 
 ORDERING_WORDS = {True: "holds", False: "does not hold", None: "cannot be checked"}
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local (sqlite / file) store by default
@@ -137,7 +137,7 @@ def _default_best_by(trials: pd.DataFrame) -> str:
 
 
 def best_runs(study: Study) -> pd.DataFrame:
-    """The best FINISHED run of each (dataset, family) by ``study.best_by``, in FAMILIES order."""
+    """The best FINISHED run of each (dataset, family) by ``study.best_by``, in the families' display order."""
     runs = study.done[study.done[study.best_by].notna()]
     lower = study.best_by in LOWER_IS_BETTER
     ordered = runs.sort_values([study.best_by, "seed"], ascending=[lower, True], kind="stable")
@@ -146,10 +146,12 @@ def best_runs(study: Study) -> pd.DataFrame:
 
 
 def _family_key(column: pd.Series) -> pd.Series:
-    """Sort key: families in FAMILIES order (others after them, by name); other columns as they are."""
+    """Sort key: registered families in display order (others after them, by name); other columns as
+    they are."""
     if column.name != "family":
         return column
-    return column.map(lambda f: f"{FAMILIES.index(f) if f in FAMILIES else len(FAMILIES):02d} {f}")
+    known = family_names()
+    return column.map(lambda f: f"{known.index(f) if f in known else len(known):03d} {f}")
 
 
 # ------------------------------------------------------------------------------- writing the page

@@ -131,7 +131,15 @@ def compare(top: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-PAPER_ORDER = ("pro_vlae", "vlae", "beta_vae")  # the paper's finding on MIG and MIG-sup (§4, Fig. 2/3)
+def _paper_order() -> tuple[str, ...]:
+    """The paper's finding on MIG and MIG-sup (§4, Fig. 2/3), best first: the families' ``paper_rank``."""
+    from provlae.models.families import FAMILIES
+
+    ranked = [(cls.paper_rank, name) for name, cls in FAMILIES.items() if cls.paper_rank is not None]
+    return tuple(name for _, name in sorted(ranked))
+
+
+PAPER_ORDER = _paper_order()
 PAPER_ORDER_METRICS = ("mig", "mig_sup")
 
 

@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from provlae import data
-from provlae.config import FAMILIES, TrialConfig
+from provlae.config import TrialConfig
 from provlae.errors import ConfigError
 from provlae.fused import KERNELS, FusedTrainer, resolve_kernels
+from provlae.models.families import family_names
 from provlae.train import Trainer, resolve_device
 
 PAPER_BATCH = 128  # the paper's dSprites batch (sweeps/grid.py PRESETS["paper"])
@@ -104,7 +105,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before the timed ones")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"default {PAPER_BATCH} (the paper's dSprites batch); {QUICK['batch_size']} with --quick")
-    p.add_argument("--family", default="pro_vlae", choices=FAMILIES)
+    p.add_argument("--family", default="pro_vlae", choices=family_names())
     p.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16"))
     p.add_argument("--subset", type=int, default=None,
                    help=f"dSprites images (0: the full 737,280; default: full on CUDA, {CPU_SUBSET} on CPU)")

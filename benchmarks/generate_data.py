@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-QUICK_SIZES = {"dsprites": (3, 6, 40, 32, 4), "shapes3d": (10, 10, 1, 8, 4, 15)}
+QUICK_SIZES = {"dsprites": (3, 6, 40, 32, 4), "shapes3d": (10, 10, 1, 8, 4, 15)}  # the slices --quick times
 
 
 def timed_generate(name: str, out_dir: Path, factor_sizes=None) -> tuple[float, int]:
@@ -47,7 +47,7 @@ def main() -> None:
 
     results = {}
     try:
-        for name in ("dsprites", "shapes3d"):
+        for name in QUICK_SIZES:  # the built-in generators
             spec = data.DATASETS[name]
             n_full = int(np.prod(spec.factor_sizes))
             fixed = 0.0

@@ -63,7 +63,7 @@ from provlae.config import TrialConfig
 from provlae.evaluate import columns_in_use
 from provlae.fused import FusedTrainer, make_groups
 from provlae.train import Trainer, images_tensor, resolve_device
-from sweeps.grid import DATASET_SIZES, build_trials
+from sweeps.grid import build_trials, dataset_size
 
 START = time.perf_counter()
 RESULT: dict = {"name": "gpu_suite"}
@@ -273,7 +273,7 @@ def section_grid(speeds: dict[str, float], fused: dict[int, float], eval_s: floa
     evals = sum(c.num_stages for c in trials)
     ref = next(c for c in trials if c.dataset == "dsprites")
     eval_total = 0.0 if eval_s is None else sum(  # images x latents, relative to the measured dSprites one
-        c.num_stages * eval_s * DATASET_SIZES[c.dataset] / DATASET_SIZES["dsprites"] * c.z_dim / ref.z_dim
+        c.num_stages * eval_s * dataset_size(c.dataset) / dataset_size(ref.dataset) * c.z_dim / ref.z_dim
         for c in trials)
     train_images = sum(images.values())
     hours = {name: (train_images / v + eval_total) / 3600 for name, v in speeds.items() if v}
@@ -290,7 +290,7 @@ def section_grid(speeds: dict[str, float], fused: dict[int, float], eval_s: floa
             group_s += images[group[0].run_name] * m / fused[m]
         hours[f"fused_k{k}"] = (group_s + eval_total) / 3600
     best = min(hours, key=hours.get)
-    by_dataset = {d: sum(1 for c in trials if c.dataset == d) for d in DATASET_SIZES}
+    by_dataset = {d: sum(1 for c in trials if c.dataset == d) for d in sorted({c.dataset for c in trials})}
     record(paper_trials=len(trials), paper_train_images=float(train_images), paper_evaluations=evals,
            paper_eval_hours=eval_total / 3600, best_setting=best, gpu_hours_best=hours[best],
            **{f"gpu_hours_{k}": v for k, v in hours.items()})

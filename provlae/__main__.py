@@ -1,6 +1,6 @@
 """``python -m provlae``: train one trial, generate or check datasets.
 
-  python -m provlae train [--config FILE] [--set key=value ...] --out DIR
+  python -m provlae train [--config FILE] [--set key=value ...] [--plugin MODULE ...] --out DIR
   python -m provlae data generate {dsprites,shapes3d} --out PATH
   python -m provlae data check PATH
 
@@ -22,11 +22,32 @@ CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
 
 
-def build_config(config_file: str | None, assignments: list[str]):
+def build_config(config_file: str | None, assignments: list[str], plugin_modules: list[str] = (),
+                 data_dir: str | None = None, data_files: list[str] = ()):
+    """The trial's config: the file, then --set; --plugin modules loaded first; the dataset's file from
+    --data-file / --data-dir / $PROVLAE_DATA_DIR unless data_path is set."""
+    from provlae import plugins
     from provlae.config import TrialConfig, parse_assignments
+    from provlae.data.files import DataFiles
 
-    base = TrialConfig.from_file(config_file).to_dict() if config_file else {}
-    return TrialConfig.from_dict({**base, **parse_assignments(assignments)})
+    names = plugins.load(list(plugin_modules))  # before the config file: it may name a plug-in's family
+    raw = {**(TrialConfig.from_file(config_file).to_dict() if config_file else {}), **parse_assignments(assignments)}
+    names = list(dict.fromkeys(plugins.parse(raw.get("plugins")) + names))
+    if names:
+        raw["plugins"] = ",".join(names)
+    data = DataFiles.from_args(data_dir, list(data_files))
+    if data and raw.get("data_path") in (None, "", "None", "none"):
+        raw.update(data.layer(raw.get("dataset", TrialConfig.dataset)))
+    return TrialConfig.from_dict(raw)
+
+
+def data_record(cfg) -> dict:
+    """Which file the trial trained on and its sha256 (procedural data: no file)."""
+    if cfg.data_path is None:
+        return {"source": "procedural"}
+    from provlae.data.files import checksum
+
+    return {"source": cfg.data_path, "sha256": checksum(cfg.data_path)}
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -69,7 +90,7 @@ def _fmt_eta(seconds: float) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from provlae.train import Trainer
 
-    cfg = build_config(args.config, args.set)
+    cfg = build_config(args.config, args.set, args.plugin, args.data_dir, args.data_file)
     out = Path(args.out)
     trainer = Trainer(cfg)  # loads data and builds the model: every input error surfaces here
     ckpt = out / CHECKPOINT
@@ -98,6 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "metrics": {**metrics, **kl},
         "stages": trainer.history,
         "figures": [str(p.relative_to(out)) for p in figures],
+        "data": data_record(cfg),
         "timing": {"run_s": time.perf_counter() - t0, "train_s": trainer.train_seconds},
     }
     write_json_atomic(out / RESULT, result)
@@ -106,14 +128,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except ProvlaeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
+    from provlae import plugins
     from provlae.data.cli import add_subcommands as add_data_subcommands
 
+    plugins.preload(argv)  # the plug-ins' datasets are choices of `data generate` too
     parser = argparse.ArgumentParser(prog="python -m provlae", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train one trial and write DIR/result.json and DIR/figures/")
     train.add_argument("--config", help="YAML or JSON file of config fields")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config field (repeatable)")
+    train.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                       help="import MODULE first: a module of your own that registers a family or dataset "
+                            "(repeatable; installed packages' provlae.families / provlae.datasets entry "
+                            "points load by themselves)")
+    train.add_argument("--data-dir", help="a folder with each dataset's real file under its standard name "
+                                          "(default: $PROVLAE_DATA_DIR; neither: procedural data)")
+    train.add_argument("--data-file", action="append", default=[], metavar="DATASET=PATH",
+                       help="the real file of one dataset, over --data-dir (repeatable)")
     train.add_argument("--out", required=True, help="output directory (resumes from its checkpoint)")
     train.set_defaults(func=cmd_train)
     data = sub.add_parser("data", help="generate or check datasets")

@@ -35,7 +35,7 @@ from provlae.config import TrialConfig
 from provlae.errors import ConfigError, TrainingDiverged
 from provlae.train import Event, Trainer
 
-MEMBER_FIELDS = ("seed", "beta", "gamma", "lambda_y", "lambda_xcov", "lambda_jac")  # may differ in a group
+MEMBER_FIELDS = ("seed", "beta")  # may differ in any group; each family adds its own (Family.member_fields)
 KERNELS = ("auto", "batched", "sequential")
 GROUP_FILE = "group.json"
 GROUP_VERSION = 1
@@ -44,9 +44,17 @@ GROUP_VERSION = 1
 # ------------------------------------------------------------------------------------------ groups
 
 
+def member_fields(cfg: TrialConfig) -> tuple[str, ...]:
+    """The fields members of ``cfg``'s group may differ in: seed, beta and its family's coefficients."""
+    from provlae.models.families import family_class
+
+    return MEMBER_FIELDS + tuple(family_class(cfg.family).member_fields)
+
+
 def shared_fields(cfg: TrialConfig) -> dict:
-    """The fields every member of a group must have alike: all but MEMBER_FIELDS."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in MEMBER_FIELDS}
+    """The fields every member of a group must have alike: all but its member fields."""
+    varying = member_fields(cfg)
+    return {k: v for k, v in cfg.to_dict().items() if k not in varying}
 
 
 def check_group(configs: list[TrialConfig]) -> None:
@@ -64,7 +72,7 @@ def check_group(configs: list[TrialConfig]) -> None:
         if differ:
             raise ConfigError(f"{cfg.run_name} cannot share a fused group with {configs[0].run_name}: they "
                               f"differ in {', '.join(differ)} (members may differ only in "
-                              f"{', '.join(MEMBER_FIELDS)})")
+                              f"{', '.join(member_fields(configs[0]))})")
 
 
 def member_key(cfg: TrialConfig) -> str:

@@ -367,7 +367,7 @@ class Trainer:
                      self.data.pixel_scale, index.to(self.images.device), self.device,
                      seed=cfg.seed + 1000 * self.stage)
         factors = np.asarray(self.data.factors)[index.numpy()]
-        exclude = () if cfg.include_shape or cfg.dataset != "dsprites" else (0,)
+        exclude = () if cfg.include_shape else datasets.DATASETS[cfg.dataset].optional_factors
         return disentanglement(enc, factors, tuple(self.data.factor_sizes), exclude_factors=exclude,
                                mi_samples=cfg.mi_samples, train_votes=cfg.factor_train_votes,
                                eval_votes=cfg.factor_eval_votes, seed=cfg.seed, device=self.device)

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from provlae import paths
+from provlae import paths, plugins
 from provlae.config import parse_assignments
+from provlae.data.files import DataFiles
 from provlae.errors import ConfigError, ProvlaeError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a directory name and a safe MLflow filter value
@@ -34,6 +35,15 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     """Flags every sweep script shares: overrides, resources, tracking, storage, failure handling."""
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a TrialConfig field for every trial (repeatable)")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE (e.g. mypkg.myfamily), which registers families or datasets of "
+                             "your own; it reaches the Ray workers with every trial (repeatable)")
+    parser.add_argument("--data-dir", help="a folder holding each dataset's real file under its standard name "
+                                           "(dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz, 3dshapes.h5, ...): "
+                                           "every trial reads its own dataset's file (default: $PROVLAE_DATA_DIR; "
+                                           "neither: procedural data)")
+    parser.add_argument("--data-file", action="append", default=[], metavar="DATASET=PATH",
+                        help="the real file of one dataset, over --data-dir (repeatable)")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved per trial")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0,
                         help="GPUs per trial; fractions pack trials (0.25: four per GPU); > 0 trains on cuda")
@@ -70,10 +80,22 @@ def resolve_common(args: argparse.Namespace, default_name: str) -> None:
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     args.overrides = parse_assignments(args.overrides)
+    names = plugins.load(plugins.parse(args.overrides.get("plugins")) + args.plugin)
+    if names:
+        args.overrides["plugins"] = ",".join(names)
+    args.data = DataFiles.from_args(args.data_dir, args.data_file)  # after the plug-ins: their datasets too
     if args.gpus_per_trial > 0:
         args.overrides.setdefault("device", "cuda")
     else:
         args.overrides.setdefault("device", "cpu")
+
+
+def registered(kind: str) -> str:
+    """The registered families or datasets (plug-ins loaded), for a flag's help."""
+    from provlae.data.registry import dataset_names
+    from provlae.models.families import family_names
+
+    return ", ".join(family_names() if kind == "families" else dataset_names())
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

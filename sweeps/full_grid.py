@@ -20,15 +20,17 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from provlae.errors import ConfigError  # noqa: E402
 from provlae.fused import make_groups  # noqa: E402
 from sweeps import grid  # noqa: E402
-from sweeps.cli import add_sweep_args, resolve_common, run_main  # noqa: E402
+from provlae import plugins  # noqa: E402
+from sweeps.cli import add_sweep_args, registered, resolve_common, run_main  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    plugins.preload(argv)  # the plug-ins' families and datasets are choices too
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(grid.PRESETS), default="paper",
                         help="axes and scale: paper (full study), demo (minutes on CPU), smoke (tests)")
-    parser.add_argument("--datasets", help="comma list (default: the preset's)")
-    parser.add_argument("--families", help="comma list (default: all four)")
+    parser.add_argument("--datasets", help=f"comma list of {registered('datasets')} (default: the preset's)")
+    parser.add_argument("--families", help=f"comma list of {registered('families')} (default: the preset's)")
     parser.add_argument("--betas", help="comma list of beta > 0 (default: the preset's)")
     parser.add_argument("--seeds", help="a count N (seeds 0..N-1) or a comma list '0,3,7'")
     parser.add_argument("--fuse", type=int, default=1, metavar="K",
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         families=grid.parse_list(args.families) if args.families else None,
         betas=grid.parse_betas(args.betas) if args.betas else None,
         seeds=grid.parse_seeds(args.seeds) if args.seeds else None,
-        overrides=args.overrides)
+        overrides=args.overrides, data=args.data)
     if args.dry_run:
         for cfg in configs:
             print(f"{cfg.run_name:<36} steps={cfg.total_steps:<8} batch={cfg.batch_size:<4} "

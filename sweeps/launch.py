@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from provlae import paths
+from provlae import paths, plugins
 from provlae.config import TrialConfig
 from provlae.errors import ConfigError, ProvlaeError
 from sweeps import tracking
@@ -145,11 +145,11 @@ def trainable_for(args: argparse.Namespace, ctx: tracking.TrackingContext):
     """The trainable with the sweep's tracking context and per-trial resources bound."""
     from ray import tune
 
-    threads = max(1, int(args.cpus_per_trial))
+    threads, folders = max(1, int(args.cpus_per_trial)), tuple(plugins.worker_paths(args))
     if fuse_size(args) == 1:
-        fn = tune.with_parameters(train_trial, tracking=ctx, threads=threads)
+        fn = tune.with_parameters(train_trial, tracking=ctx, threads=threads, plugin_paths=folders)
     else:
-        fn = tune.with_parameters(train_group, tracking=ctx, threads=threads,
+        fn = tune.with_parameters(train_group, tracking=ctx, threads=threads, plugin_paths=folders,
                                   kernels=getattr(args, "fused_kernels", "auto"))
     return tune.with_resources(fn, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
 

@@ -60,8 +60,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from provlae import plugins
 from sweeps import grid
-from sweeps.cli import add_sweep_args, resolve_common, run_main
+from sweeps.cli import add_sweep_args, registered, resolve_common, run_main
 from sweeps.search import (
     OBJECTIVES,
     SearchSpec,
@@ -75,11 +76,12 @@ DEFAULT_CONCURRENCY = 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    plugins.preload(argv)  # the plug-ins' families and datasets are choices too
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Single-stage families (beta_vae, vlae) are never stopped early. "
+                                     epilog="Single-stage families are never stopped early. "
                                             "--max-concurrent defaults to 2 here.")
-    parser.add_argument("--family", required=True, help="pro_vlae, vlae, beta_vae or teacher_student")
-    parser.add_argument("--dataset", required=True, help="dsprites, shapes3d, mnist or celeba")
+    parser.add_argument("--family", required=True, help=registered("families"))
+    parser.add_argument("--dataset", required=True, help=registered("datasets"))
     parser.add_argument("--trials", type=int, required=True, help="configurations to try (>= 1)")
     parser.add_argument("--objective", default="mig_sup",
                         help=f"stage-end metric to optimise, the mean over seeds: {', '.join(OBJECTIVES)} "
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     resolve_common(args, default_name=f"optuna-{args.preset}-{args.family}-{args.dataset}-{args.objective}")
     spec = build_spec(args.preset, args.family, args.dataset, args.trials, args.objective, args.mode,
                       parse_seed_list(args.seeds), args.overrides, sampler_seed=args.sampler_seed,
-                      early_stopping=args.early_stopping)
+                      early_stopping=args.early_stopping, data=args.data)
     if args.dry_run:
         print(describe(spec, args))
         return 0

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from provlae import plugins
 from provlae.config import TrialConfig
 from provlae.errors import ConfigError, TrainingDiverged
 from sweeps import grid, tracking
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 # are left out: a progressive family does not have every level at its first stages).
 OBJECTIVES = ("mig", "mig_sup", "factor_score", "recon_error", "mi_total", "mi_over", "active_units")
 NEED_FACTORS = frozenset({"mig", "mig_sup", "factor_score", "active_units"})
-NO_FACTORS = frozenset({"celeba"})  # datasets without ground-truth factors (DESIGN §2.1)
 LOWER_IS_BETTER = frozenset({"recon_error"})
 BETA_RANGE = (0.5, 32.0)  # log-uniform
 LR_RANGE = (1e-4, 2e-3)  # log-uniform
@@ -87,14 +87,25 @@ class SearchSpec:
 
 
 def build_space(base: TrialConfig, fixed: set[str] = frozenset()) -> dict[str, Any]:
-    """β and lr log-uniform; for pro_vlae also γ uniform in [0, 1] and fade_in_steps an integer in
-    [0, steps_per_stage]. Fields in ``fixed`` (set with --set) stay out of the search."""
+    """β and lr log-uniform, and the family's own ranges (``Family.search_ranges``: for pro_vlae γ uniform
+    in [0, 1] and fade_in_steps an integer in [0, steps_per_stage]). Fields in ``fixed`` (set with --set)
+    stay out of the search."""
     from optuna.distributions import FloatDistribution, IntDistribution
 
+    from provlae.models.families import family_class
+
+    family = family_class(base.family)
     space = {"beta": FloatDistribution(*BETA_RANGE, log=True)}
-    if base.family == "pro_vlae":
-        space["gamma"] = FloatDistribution(0.0, 1.0)
-        space["fade_in_steps"] = IntDistribution(0, base.steps_per_stage)
+    for name, (kind, low, high) in family.search_ranges(base).items():
+        if name not in TrialConfig.__dataclass_fields__:
+            raise ConfigError(f"family {base.family!r}: search range for {name!r}, which is no config field")
+        if kind == "int":
+            space[name] = IntDistribution(int(low), int(high))
+        elif kind in ("uniform", "loguniform"):
+            space[name] = FloatDistribution(float(low), float(high), log=kind == "loguniform")
+        else:
+            raise ConfigError(f"family {base.family!r}: search range {name!r} has kind {kind!r}, expected "
+                              f"uniform, loguniform or int")
     space["lr"] = FloatDistribution(*LR_RANGE, log=True)
     return {k: d for k, d in space.items() if k not in fixed}
 
@@ -112,18 +123,17 @@ def default_mode(objective: str) -> str:
 
 def check_inputs(family: str, dataset: str, trials: int, objective: str, mode: str | None) -> None:
     """The search's names and counts; a ConfigError naming the first bad one."""
-    from provlae.config import DATASETS, FAMILIES
+    from provlae.data.registry import get_spec
+    from provlae.models.families import family_class
 
-    if family not in FAMILIES:
-        raise ConfigError(f"unknown family {family!r} (choose from {', '.join(FAMILIES)})")
-    if dataset not in DATASETS:
-        raise ConfigError(f"unknown dataset {dataset!r} (choose from {', '.join(DATASETS)})")
+    family_class(family)  # ConfigError naming the registered families
+    spec = get_spec(dataset)
     if trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {trials}")
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {objective!r}: choose one of the trainer's stage-end metrics "
                           f"({', '.join(OBJECTIVES)})")
-    if objective in NEED_FACTORS and dataset in NO_FACTORS:
+    if objective in NEED_FACTORS and not spec.has_factors:
         raise ConfigError(f"objective {objective} needs ground-truth factors, which {dataset} has not")
     if mode not in (None, "max", "min"):
         raise ConfigError(f"--mode must be max or min, got {mode!r}")
@@ -131,7 +141,7 @@ def check_inputs(family: str, dataset: str, trials: int, objective: str, mode: s
 
 def build_spec(preset: str, family: str, dataset: str, trials: int, objective: str, mode: str | None,
                seeds: list[int], overrides: dict[str, Any], sampler_seed: int = 0,
-               early_stopping: bool = True) -> SearchSpec:
+               early_stopping: bool = True, data=None) -> SearchSpec:
     """A validated search; every bad input is a ConfigError naming it."""
     if preset not in grid.PRESETS:
         raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(grid.PRESETS)})")
@@ -142,7 +152,7 @@ def build_spec(preset: str, family: str, dataset: str, trials: int, objective: s
     if fixed:
         raise ConfigError(f"--set cannot change {', '.join(fixed)}: use --family, --dataset, --seeds")
     point = {"dataset": dataset, "family": family, "beta": 1.0, "seed": seeds[0]}
-    base = grid.resolve(grid.PRESETS[preset], point, overrides)
+    base = grid.resolve(grid.PRESETS[preset], point, overrides, data)
     space = build_space(base, set(overrides))
     if not space:
         raise ConfigError("--set fixes every searched field: nothing left to search")
@@ -206,7 +216,7 @@ def check_manifest(folder: str, spec: SearchSpec) -> bool:
 
 
 def search_trial(config: dict[str, Any], tracking_ctx: tracking.TrackingContext, seeds: list[int],
-                 objective: str, threads: int = 1) -> None:
+                 objective: str, threads: int = 1, plugin_paths: tuple[str, ...] = ()) -> None:
     """One configuration (the searcher's sampled fields over config["trial"]) on every seed.
 
     The seeds still to train form one ``provlae.fused.FusedTrainer`` group, each member exactly its seed's
@@ -227,6 +237,7 @@ def search_trial(config: dict[str, Any], tracking_ctx: tracking.TrackingContext,
 
     from sweeps.trainable import trial_config
 
+    plugins.add_paths(list(plugin_paths))
     torch.set_num_threads(threads)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a log line per checkpoint per trial
     base, trial_id = trial_config(config), tune.get_context().get_trial_id()
@@ -412,7 +423,8 @@ def make_tuner(spec: SearchSpec, args: argparse.Namespace, ctx: tracking.Trackin
 
     trainable = tune.with_resources(
         tune.with_parameters(search_trial, tracking_ctx=ctx, seeds=list(spec.seeds), objective=spec.objective,
-                             threads=max(1, int(args.cpus_per_trial))),
+                             threads=max(1, int(args.cpus_per_trial)),
+                             plugin_paths=tuple(plugins.worker_paths(args))),
         {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     if tune.Tuner.can_restore(folder):
         return tune.Tuner.restore(folder, trainable=trainable, resume_errored=True), True

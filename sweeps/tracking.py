@@ -6,7 +6,8 @@
   when the sweep is resumed; at the end it holds the study report, ``report/index.html``.
 - one child run per trial, named ``cfg.run_name``, tagged ``mlflow.parentRunId``, ``provlae.role=trial``,
   ``family``, ``dataset``, ``sweep``, ``ray_trial_id``, ``hardware``, ``ray_node_id``, ``ray_node_ip`` (the
-  node of the trial's latest attempt); params = every TrialConfig field;
+  node of the trial's latest attempt), ``data_source`` (the file it trained on, or ``procedural``) and
+  ``data_sha256`` (that file's checksum); params = every TrialConfig field;
   metrics with step = global training step; artifacts ``config.json``, ``figures/stage<s>/*.png`` at each
   stage end and ``figures/*.png`` at the end.
 
@@ -38,6 +39,7 @@ ROLE_TAG = "provlae.role"
 KEY_TAG = "provlae.trial_key"
 RESUMED_TAG = "provlae.resumed_from_step"  # set when a trial continues from a Tune checkpoint
 ERROR_TAG = "error"
+DATA_TAGS = ("data_source", "data_sha256")  # the file a trial trained on ("procedural": none) and its sha256
 HARDWARE_TAG = "hardware"  # what the trial's last attempt ran on: "cuda: <GPU> (<host>)" or "cpu: ..."
 KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"  # MLflow 3's kind for model training ("Machine learning")
@@ -199,6 +201,15 @@ def find_trial_run(mlflow: "MlflowClient", experiment_id: str, key: str):
     return runs[0] if runs else None
 
 
+def data_tags(cfg: TrialConfig) -> dict[str, str]:
+    """Which file the trial reads (as this node sees it) and its checksum; procedural data has none."""
+    if cfg.data_path is None:
+        return {DATA_TAGS[0]: "procedural"}
+    from provlae.data.files import checksum
+
+    return {DATA_TAGS[0]: cfg.data_path, DATA_TAGS[1]: checksum(cfg.data_path)}
+
+
 @dataclass
 class TrialRun:
     """One trial's MLflow run: found or created on open, metrics buffered and deduplicated."""
@@ -219,7 +230,8 @@ class TrialRun:
         if found is None:
             tags = {**dict(ctx.tags), PARENT_TAG: ctx.parent_run_id, ROLE_TAG: "trial", KEY_TAG: key,
                     "family": cfg.family, "dataset": cfg.dataset, "sweep": ctx.sweep,
-                    "ray_trial_id": trial_id, HARDWARE_TAG: hardware(cfg.device), **ray_node_tags()}
+                    "ray_trial_id": trial_id, HARDWARE_TAG: hardware(cfg.device), **ray_node_tags(),
+                    **data_tags(cfg)}
             run = mlflow.create_run(ctx.experiment_id, run_name=cfg.run_name, tags=tags)
             trial = cls(mlflow, run.info.run_id, "RUNNING")
             trial._describe(cfg)

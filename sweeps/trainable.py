@@ -18,6 +18,7 @@ from typing import Any
 
 from ray import tune
 
+from provlae import plugins
 from provlae.config import TrialConfig
 from provlae.errors import TrainingDiverged
 from sweeps.tracking import TrackingContext, TrialRun
@@ -35,9 +36,11 @@ def trial_config(config: dict[str, Any]) -> TrialConfig:
     return TrialConfig.from_dict(raw)
 
 
-def train_trial(config: dict[str, Any], tracking: TrackingContext, threads: int = 1) -> None:
+def train_trial(config: dict[str, Any], tracking: TrackingContext, threads: int = 1,
+                plugin_paths: tuple[str, ...] = ()) -> None:
     import torch
 
+    plugins.add_paths(list(plugin_paths))  # the trial's config names its plug-ins; they import from here
     torch.set_num_threads(threads)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a log line per checkpoint per trial
     cfg = trial_config(config)
@@ -119,13 +122,14 @@ def group_label(configs: list[TrialConfig]) -> str:
 
 
 def train_group(config: dict[str, Any], tracking: TrackingContext, threads: int = 1,
-                kernels: str = "auto") -> None:
+                kernels: str = "auto", plugin_paths: tuple[str, ...] = ()) -> None:
     """A fused group of trials in one Tune trial. Each member finds or creates its own MLflow run (the
     same key as its solo trial); members finished by an earlier attempt are not trained again, and a member
     that diverged stays failed. A member that diverges now fails alone: the Tune trial goes on and ends
     normally, and the sweep's summary reads each member's outcome from its run."""
     import torch
 
+    plugins.add_paths(list(plugin_paths))
     torch.set_num_threads(threads)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfgs, trial_id = group_configs(config), tune.get_context().get_trial_id()

@@ -90,7 +90,7 @@ def mnist_arrays(n_train=5, n_test=3):
 
 def test_registry_names_and_errors():
     assert {"dsprites", "shapes3d", "mnist", "celeba"} <= set(data.DATASETS)
-    with pytest.raises(ConfigError, match="unknown name 'nope'"):
+    with pytest.raises(ConfigError, match="unknown dataset 'nope'"):
         data.load("nope")
     with pytest.raises(ConfigError, match="path is required"):
         data.load("mnist")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import servers
 
-from provlae.config import FAMILIES
+from provlae.models import FAMILIES
 from provlae.errors import ConfigError
 from sweeps import grid
 from sweeps.full_grid import main

@@ -32,9 +32,14 @@ def load(name: str, path: str | os.PathLike | None = None, subset: int | None = 
     path = Path(path).expanduser().absolute()
     if not path.exists():
         raise DataError(f"{path}: no such file or directory (dataset '{name}')")
-    if subset is None:
-        return spec.open(path, **options)
-    return spec.open_subset(path, subset, seed, **options)
+    try:
+        if subset is None:
+            return spec.open(path, **options)
+        return spec.open_subset(path, subset, seed, **options)
+    except DataError as e:  # a wrong file: say which dataset expected it, and what it expects
+        if f"dataset '{name}'" in str(e):
+            raise
+        raise DataError(f"dataset '{name}' (expects {spec.path_hint}): {e}") from None
 
 
 def _procedural(spec: ProceduralSpec, subset: int | None, seed: int) -> Dataset:

@@ -29,6 +29,8 @@ CHUNK = 1024
 @register("celeba")
 class CelebA(DatasetSpec):
     pixel_scale = 1 / 255
+    display_order, has_factors = 3, False
+    default_filename = FOLDER
     path_hint = f"the {FOLDER}/ folder of aligned CelebA JPEGs"
 
     def claims(self, path: Path) -> bool:

@@ -1,7 +1,7 @@
 """Subcommands of the main CLI's ``data`` command:
 
-    python -m provlae data generate {dsprites,shapes3d} --out PATH [--chunk N] [--compress]
-    python -m provlae data check PATH [--dataset NAME]
+    python -m provlae data generate {dsprites,shapes3d,...} --out PATH [--chunk N] [--compress] [--plugin M]
+    python -m provlae data check PATH [--dataset NAME] [--plugin M]
 
 Handlers return an exit status; user errors propagate as ``ProvlaeError`` for the main CLI to print.
 """
@@ -11,7 +11,7 @@ import argparse
 import time
 
 from provlae.data.api import detect, generate, load
-from provlae.data.registry import DATASETS, ProceduralSpec
+from provlae.data.registry import DATASETS, ProceduralSpec, dataset_names
 
 
 def add_subcommands(subparsers) -> None:
@@ -19,9 +19,11 @@ def add_subcommands(subparsers) -> None:
 
     Each parser's ``func`` default is its handler: ``args.func(args)`` returns the exit status.
     """
-    procedural = sorted(n for n, s in DATASETS.items() if isinstance(s, ProceduralSpec))
+    procedural = [n for n in dataset_names() if isinstance(DATASETS[n], ProceduralSpec)]
     gen = subparsers.add_parser("generate", help="write a procedural dataset in the real file format")
     gen.add_argument("dataset", choices=procedural)
+    gen.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                     help="a module of your own that registers datasets (loaded before parsing)")
     gen.add_argument("--out", required=True, help="output file, or a directory for the real file name")
     gen.add_argument("--chunk", type=int, default=None, help="rows rendered per chunk")
     gen.add_argument("--compress", action="store_true", help="deflate (npz) / gzip (h5) the images")
@@ -31,7 +33,9 @@ def add_subcommands(subparsers) -> None:
 
     check = subparsers.add_parser("check", help="validate a dataset file and describe it")
     check.add_argument("path")
-    check.add_argument("--dataset", choices=sorted(DATASETS), default=None,
+    check.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                       help="a module of your own that registers datasets (loaded before parsing)")
+    check.add_argument("--dataset", choices=dataset_names(), default=None,
                        help="dataset name (default: recognised from the file)")
     check.set_defaults(func=_check)
 

@@ -100,6 +100,9 @@ class DSprites(ProceduralSpec):
     default_filename = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
     loader = "dsprites-npz-1"
     path_hint = "the dSprites .npz (imgs, latents_classes, latents_values, metadata)"
+    optional_factors = (0,)  # shape: out of MIG / MIG-sup unless include_shape (the paper's protocol)
+    display_order, paper = 0, True
+    paper_config = {"z_dim": 2, "batch_size": 128, "epochs_per_stage": 30, "fade_in_steps": 5000}
 
     # ------------------------------------------------------------------------------------- procedural
 

@@ -30,6 +30,8 @@ PAD = 2
 @register("mnist")
 class MNIST(DatasetSpec):
     options = {"size": 32}
+    size, display_order = 70_000, 2
+    default_filename = "mnist.npz"
     pixel_scale = 1 / 255
     path_hint = "mnist.npz or a directory with the four MNIST IDX files (train-images-idx3-ubyte[.gz], ...)"
     factor_names = ("digit",)

@@ -131,6 +131,15 @@ class DatasetSpec:
     pixel_scale: ClassVar[float] = 1 / 255
     options: ClassVar[dict[str, Any]] = {}  # loader options and their defaults
     path_hint: ClassVar[str] = ""  # what a user's path should point to, for error messages
+    default_filename: ClassVar[str] = ""  # the real file's standard name (found in a data directory)
+    size: int | None = None  # images in the full dataset, where it is fixed
+    has_factors: ClassVar[bool] = True  # ground-truth factors: the disentanglement metrics apply
+    optional_factors: ClassVar[tuple[int, ...]] = ()  # factors left out of MIG / MIG-sup unless include_shape
+    display_order: ClassVar[int] = 100  # position in tables (built-ins first)
+    # The reference hyper-parameters for this dataset (DESIGN §2.2) that the paper preset applies:
+    # TrialConfig fields, plus "epochs_per_stage", which sets steps_per_stage from the dataset's size.
+    paper_config: ClassVar[dict[str, Any]] = {}
+    paper: ClassVar[bool] = False  # one of the datasets of the paper's study (the paper preset's grid)
 
     def claims(self, path: Path) -> bool:
         """Whether ``path`` looks like this dataset's file format (for ``data check``)."""
@@ -161,7 +170,6 @@ class ProceduralSpec(DatasetSpec):
     factor_sizes: ClassVar[tuple[int, ...]] = ()
     image_hwc: ClassVar[tuple[int, int, int]] = (64, 64, 1)  # rendered image (H, W, C)
     chunk: ClassVar[int] = 4096  # rows rendered at once
-    default_filename: ClassVar[str] = ""  # the real file's name, used when generating into a directory
     loader: ClassVar[str] = ""  # version of the real-file extraction: it keys the extracted cache
 
     def open(self, path: Path, **options) -> Dataset:
@@ -193,6 +201,10 @@ class ProceduralSpec(DatasetSpec):
         """Write the real file format to ``out``; ``chunks`` yields (file classes, full classes, images)."""
         raise NotImplementedError
 
+    @property
+    def size(self) -> int:  # type: ignore[override]
+        return int(np.prod(self.factor_sizes))
+
     def check_classes(self, classes: np.ndarray) -> None:
         classes = np.asarray(classes)
         if classes.ndim != 2 or classes.shape[1] != len(self.factor_sizes):
@@ -217,8 +229,12 @@ def register(name: str):
     """Class decorator: register an instance of the spec under ``name``."""
 
     def deco(cls: type[DatasetSpec]) -> type[DatasetSpec]:
-        if name in DATASETS:
-            raise ValueError(f"dataset {name!r} registered twice")
+        if not (isinstance(cls, type) and issubclass(cls, DatasetSpec)):
+            raise ConfigError(f"dataset {name!r}: {cls!r} is not a subclass of provlae.data.DatasetSpec")
+        old = type(DATASETS[name]) if name in DATASETS else None
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ConfigError(f"dataset {name!r} of {cls.__module__} clashes with the dataset of that name "
+                              f"in {type(DATASETS[name]).__module__}: choose another name")
         cls.name = name
         DATASETS[name] = cls()
         return cls
@@ -226,8 +242,16 @@ def register(name: str):
     return deco
 
 
+def dataset_names() -> list[str]:
+    """Every registered dataset, in display order (built-ins first, then by name)."""
+    return sorted(DATASETS, key=lambda n: (DATASETS[n].display_order, n))
+
+
 def get_spec(name: str) -> DatasetSpec:
+    if not DATASETS:  # the built-in specs register when provlae.data is imported
+        import provlae.data  # noqa: F401
     try:
         return DATASETS[name]
     except KeyError:
-        raise ConfigError(f"dataset: unknown name {name!r}, expected one of {sorted(DATASETS)}") from None
+        raise ConfigError(f"unknown dataset {name!r} (choose from {', '.join(dataset_names())}; a dataset "
+                          f"of your own module loads with --plugin MODULE)") from None

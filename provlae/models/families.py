@@ -3,33 +3,69 @@
 A family says which levels (or latent dimensions) are active at a stage, the fade-in gates, the weight
 of each level's KL term, and any extra loss; the trainer loop is shared. Every family has the same total
 number of latents (levels * z_dim) and trains for the same total number of steps. New families register
-by name with ``@register("name")`` and override the hooks they need.
+by name with ``@register("name")``, override the hooks they need, and declare on the class what the rest
+of the system needs to know (``progressive``, ``fixed_beta``, ``member_fields``, ``search_ranges``,
+``display_order``): the grid, the search, fused groups and the analysis read it from here. A family in
+the user's own module is loaded by name (``provlae.plugins``).
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.nn import functional as F
 
 from provlae.config import TrialConfig
+from provlae.errors import ConfigError
 from provlae.models.ladder import Gates, LadderOutput, LadderVAE
 
 FAMILIES: dict[str, type[Family]] = {}
+# Hooks a family must define itself or inherit from Family: a class that is not a Family subclass (or
+# shadows one with something not callable) is refused at registration.
+REQUIRED_HOOKS = ("level_dims", "active_levels", "alpha", "gates_at", "kl_weights", "coefficients",
+                  "draw_noise", "loss", "extra_loss", "frozen_modules", "begin_stage", "state_dict",
+                  "load_state_dict", "information_levels")
 
 
 def register(name: str):
+    """Class decorator: register a Family subclass under ``name``. A clash with a registered name, a class
+    that is not a Family, or a hook replaced by something not callable is a ConfigError."""
+
     def wrap(cls):
+        missing = [h for h in REQUIRED_HOOKS if not callable(getattr(cls, h, None))]
+        if not (isinstance(cls, type) and issubclass(cls, Family)):
+            lacks = f" (it lacks {', '.join(missing)})" if missing else ""
+            raise ConfigError(f"family {name!r}: {cls!r} is not a subclass of provlae.models.Family{lacks}")
+        if missing:
+            raise ConfigError(f"family {name!r} ({cls.__module__}.{cls.__qualname__}) is missing the "
+                              f"hook(s) {', '.join(missing)}")
+        old = FAMILIES.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ConfigError(f"family {name!r} of {cls.__module__} clashes with the family of that name "
+                              f"in {old.__module__}: choose another name")
         cls.name = name
         FAMILIES[name] = cls
         return cls
     return wrap
 
 
+def family_class(name: str) -> type[Family]:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ConfigError(f"unknown family {name!r} (choose from {', '.join(family_names())}; a family "
+                          f"of your own module loads with --plugin MODULE)") from None
+
+
+def family_names() -> list[str]:
+    """Every registered family, in display order (built-ins first, then by name)."""
+    return sorted(FAMILIES, key=lambda n: (FAMILIES[n].display_order, n))
+
+
 def build_family(cfg: TrialConfig) -> Family:
-    return FAMILIES[cfg.family](cfg)
+    return family_class(cfg.family)(cfg)
 
 
 @dataclass
@@ -60,6 +96,22 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, mask: torch.Tensor | Non
 
 class Family:
     name = "base"
+    # What the rest of the system knows about a family, declared here and nowhere else:
+    progressive: ClassVar[bool] = False  # True: levels stages of steps_per_stage; False: one stage
+    fixed_beta: ClassVar[float | None] = None  # a family without a beta to sweep runs once, at this beta
+    member_fields: ClassVar[tuple[str, ...]] = ()  # config fields in ``coefficients`` besides beta
+    display_order: ClassVar[int] = 100  # position in tables and figures (built-ins 0-3; plug-ins after)
+    paper_rank: ClassVar[int | None] = None  # the paper's finding on MIG / MIG-sup: 1 = best (Fig. 2/3)
+
+    @classmethod
+    def search_ranges(cls, base: TrialConfig) -> dict[str, tuple[str, float, float]]:
+        """Config fields an adaptive search varies besides beta and lr, as field -> (kind, low, high),
+        kind one of "uniform", "loguniform", "int"; ``base`` is the search's base config."""
+        return {}
+
+    @classmethod
+    def stages(cls, cfg: TrialConfig) -> int:
+        return cfg.levels if cls.progressive else 1
 
     def __init__(self, cfg: TrialConfig):
         self.cfg = cfg
@@ -165,10 +217,14 @@ class Family:
 class VLAE(Family):
     """All levels active from step 0; loss = recon + beta * sum_l KL_l."""
 
+    display_order, paper_rank = 1, 2
+
 
 @register("beta_vae")
 class BetaVAE(Family):
     """One code of levels*z_dim latents at the deepest level; loss = recon + beta * KL."""
+
+    display_order, paper_rank = 0, 3
 
     def level_dims(self) -> list[int]:
         return [0] * (self.L - 1) + [self.L * self.cfg.z_dim]
@@ -177,6 +233,13 @@ class BetaVAE(Family):
 @register("pro_vlae")
 class ProVLAE(Family):
     """Levels grown from the deepest (l = L) down, one per stage, with fade-in and the gamma pre-KL."""
+
+    progressive, display_order, paper_rank = True, 2, 1
+    member_fields = ("gamma",)
+
+    @classmethod
+    def search_ranges(cls, base: TrialConfig) -> dict[str, tuple[str, float, float]]:
+        return {"gamma": ("uniform", 0.0, 1.0), "fade_in_steps": ("int", 0, base.steps_per_stage)}
 
     def active_levels(self, stage: int) -> list[int]:
         return list(range(self.L - 1 - stage, self.L))
@@ -215,6 +278,9 @@ class TeacherStudent(Family):
     is level L - s, as the level pro-VLAE grows at stage s (the teacher's block is z_L). A block not grown
     yet is not part of the code (the decoder never sees it): it is encoded as its prior.
     """
+
+    progressive, fixed_beta, display_order = True, 1.0, 3  # no beta to sweep: it runs at beta = 1
+    member_fields = ("lambda_y", "lambda_xcov", "lambda_jac")
 
     def __init__(self, cfg: TrialConfig):
         super().__init__(cfg)
