@@ -24,14 +24,14 @@ $(STAMP): pyproject.toml
 # top-2 table and the family comparison; last, where the sweep's study report is and the URL of the runs
 # table (once the MLflow UI runs).
 demo: $(STAMP)
-	$(BIN)/python sweeps/full_grid.py --preset demo --experiment demo
-	$(BIN)/python -m analysis top3 --experiment demo --k 2
-	$(BIN)/python -m analysis compare --experiment demo --k 2
+	$(BIN)/python sweeps/full_grid.py --preset demo --experiment demo --name demo
+	$(BIN)/python -m analysis top3 --experiment demo --sweep demo --k 2
+	$(BIN)/python -m analysis compare --experiment demo --sweep demo --k 2
 	@$(BIN)/python -c "from provlae.paths import default_tracking_uri as u; \
 	print('Figures: each run holds the paper figures as artifacts, figures/stage<s>/ at every stage end'); \
 	print(f'Compare the runs in the MLflow UI: $(BIN)/mlflow ui --backend-store-uri {u()} --host 127.0.0.1')"
 	@$(BIN)/python -c "from sweeps.launch import report_lines; \
-	print(*report_lines('demo', 'full_grid-demo'), sep='\n')"
+	print(*report_lines('demo', 'demo'), sep='\n')"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -22,7 +22,7 @@ import pandas as pd
 from analysis.errors import AnalysisError
 from analysis.figures import write_figures, write_stage_figure
 from analysis.report import write_report
-from analysis.runs import export_parquet, load_runs, stage_information
+from analysis.runs import export_parquet, load_runs, select_sweep, stage_information
 from analysis.topk import METRICS, compare, rank_trials, top_k, verdict, wide
 from provlae.errors import ProvlaeError
 
@@ -58,11 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--rank-by", metavar="METRIC",
                          help="pick the seeds of every metric by this one (default: each by itself)")
 
+    def one_sweep(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--sweep", help="only this sweep's runs (default: every sweep of the experiment, "
+                                         "pooled)")
+
     def output_format(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--format", choices=("table", "csv", "json"), default="table")
 
     sub = command("top3", cmd_top3, "mean ± std of the top-k seeds per (dataset, family, beta) and metric")
     ranking(sub)
+    one_sweep(sub)
     output_format(sub)
     sub = command("figures", cmd_figures, "Fig. 2 and Fig. 3 per dataset; Fig. 5 for --run")
     ranking(sub)
@@ -73,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", required=True, type=Path, help="the .parquet file to write")
     sub = command("compare", cmd_compare, "which family leads each metric on each dataset")
     ranking(sub)
+    one_sweep(sub)
     sub = command("trials", cmd_trials, "trials ranked by an objective metric")
     sub.add_argument("--objective", metavar="METRIC",
                      help="default: the metric 'objective' if logged, else mig_sup")
@@ -84,8 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     ranking(sub)
     sub.add_argument("--out", required=True, type=Path, help="the report's folder (an earlier report there "
                                                              "is replaced)")
-    sub.add_argument("--sweep", help="only this sweep's runs (default: every sweep of the experiment, "
-                                     "pooled)")
+    one_sweep(sub)
     sub.add_argument("--best-by", metavar="METRIC",
                      help="picks each family's best run (default: --rank-by, else mig_sup)")
     sub.add_argument("--ui-url", help="the MLflow UI the links point to (default: a tracking server's URL, "
@@ -94,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_top3(args: argparse.Namespace) -> None:
-    top = top_k(load_runs(args.experiment, args.tracking_uri), k=args.k, rank_by=args.rank_by)
+    top = top_k(select_sweep(load_runs(args.experiment, args.tracking_uri), args.sweep), k=args.k,
+                rank_by=args.rank_by)
     if args.format == "csv":
         top.assign(seeds=top["seeds"].map(lambda s: ";".join(map(str, s)))).to_csv(sys.stdout, index=False)
     elif args.format == "json":
@@ -142,7 +148,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    top = top_k(load_runs(args.experiment, args.tracking_uri), k=args.k, rank_by=args.rank_by)
+    top = top_k(select_sweep(load_runs(args.experiment, args.tracking_uri), args.sweep), k=args.k,
+                rank_by=args.rank_by)
     print(verdict(compare(top), k=args.k))
 
 

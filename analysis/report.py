@@ -32,7 +32,7 @@ import pandas as pd
 
 from analysis.errors import AnalysisError
 from analysis.figures import LABELS, write_figures, write_stage_figure
-from analysis.runs import fetch_artifact, load_runs, load_sweeps, run_artifacts, stage_information
+from analysis.runs import fetch_artifact, load_runs, load_sweeps, run_artifacts, select_sweep, stage_information
 from analysis.topk import (
     LOWER_IS_BETTER,
     METRICS,
@@ -108,13 +108,8 @@ def gather(experiment: str, tracking_uri: str | None = None, sweep: str | None =
     """Read the study of ``experiment`` (only ``sweep``'s runs if given); AnalysisError on bad input."""
     trials = load_runs(experiment, tracking_uri, include_failed=True)
     uri = trials.attrs["tracking_uri"]
+    trials = select_sweep(trials, sweep)
     names = sorted({s for s in trials.get("sweep", pd.Series(dtype=object)).dropna()})
-    if sweep is not None:
-        if sweep not in names:
-            raise AnalysisError(f"experiment {experiment!r} has no runs of sweep {sweep!r} "
-                                f"(sweeps: {', '.join(names) or 'none tagged'})")
-        trials = trials[trials["sweep"] == sweep]
-        names = [sweep]
     if finished(trials).empty:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(trials["status"].value_counts().items()))
         where = f"sweep {sweep!r}" if sweep else f"experiment {experiment!r}"

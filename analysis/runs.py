@@ -76,6 +76,17 @@ def load_runs(experiment: str, tracking_uri: str | None = None, include_failed: 
     return frame
 
 
+def select_sweep(trials: pd.DataFrame, sweep: str | None) -> pd.DataFrame:
+    """Only ``sweep``'s rows of ``load_runs`` (all rows when None); AnalysisError naming the sweeps there."""
+    if sweep is None:
+        return trials
+    names = sorted({s for s in trials.get("sweep", pd.Series(dtype=object)).dropna()})
+    if sweep not in names:
+        raise AnalysisError(f"experiment {trials.attrs.get('experiment')!r} has no runs of sweep {sweep!r} "
+                            f"(sweeps: {', '.join(names) or 'none tagged'})")
+    return trials[trials["sweep"] == sweep]
+
+
 def load_sweeps(experiment: str, tracking_uri: str | None = None) -> pd.DataFrame:
     """One row per sweep (parent) run of ``experiment``, tagged ``provlae.role=sweep``: ``run_id``,
     ``sweep``, ``status``, ``start_time``, ``end_time`` and the params the sweep described itself with

@@ -4,6 +4,7 @@ Expected numbers come from the raw values logged (sorted() and statistics), neve
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -288,3 +289,25 @@ def test_cli_table_compare_and_trials(store, capsys):
     ranked = pd.read_csv(StringIO(capsys.readouterr().out))
     assert list(ranked["objective"]) == [0.7, 0.5, 0.3] and list(ranked["rank"]) == [1, 2, 3]
     assert "lr" in ranked.columns  # the searched param varies, so it is shown
+
+
+def test_top3_and_compare_read_one_sweep_with_sweep(tmp_path, capsys):
+    """Two sweeps in one experiment (an older demo and the current one): --sweep counts only its own."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("shared")
+    cell = ("dsprites", "pro_vlae", 4.0)
+    for sweep, mig in (("old", 0.9), ("new", 0.3)):
+        parent = client.create_run(exp_id, run_name=sweep, tags={"provlae.role": "sweep", "sweep": sweep})
+        log_trial(client, exp_id, parent.info.run_id, cell, 0, {"mig": mig, "mig_sup": mig, "recon_error": 90.0},
+                  extra_tags={"sweep": sweep})
+    assert main(["top3", "--experiment", "shared", "--tracking-uri", uri, "--sweep", "new", "--k", "1",
+                 "--format", "json"]) == 0
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["metric"] == "mig"]
+    assert [(r["top_k_mean"], r["n_runs"]) for r in rows] == [(0.3, 1)]
+    assert main(["top3", "--experiment", "shared", "--tracking-uri", uri, "--k", "1", "--format", "json"]) == 0
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["metric"] == "mig"]
+    assert [(r["top_k_mean"], r["n_runs"]) for r in rows] == [(0.9, 2)]  # pooled: the best of both sweeps
+    assert main(["compare", "--experiment", "shared", "--tracking-uri", uri, "--sweep", "gone"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: experiment 'shared' has no runs of sweep 'gone' (sweeps: new, old)"
