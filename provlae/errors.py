@@ -19,3 +19,7 @@ class DataError(ProvlaeError):
 
 class TrainingDiverged(ProvlaeError, ArithmeticError):
     """The loss became NaN or Inf."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file is damaged (truncated, not a checkpoint) or holds more than plain state."""

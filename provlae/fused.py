@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from provlae import data as datasets
 from provlae.config import TrialConfig
-from provlae.errors import ConfigError, TrainingDiverged
+from provlae.errors import CheckpointError, ConfigError, TrainingDiverged
 from provlae.train import Event, Trainer
 
 MEMBER_FIELDS = ("seed", "beta")  # may differ in any group; each family adds its own (Family.member_fields)
@@ -239,7 +239,7 @@ class FusedTrainer:
         try:
             group = json.loads((folder / GROUP_FILE).read_text())
         except (OSError, ValueError) as e:
-            raise ConfigError(f"fused checkpoint {folder}: cannot read {GROUP_FILE} ({e})") from None
+            raise CheckpointError(f"fused checkpoint {folder}: cannot read {GROUP_FILE} ({e})") from None
         if group.get("version") != GROUP_VERSION:
             raise ConfigError(f"fused checkpoint {folder}: version {group.get('version')}, "
                               f"expected {GROUP_VERSION}")

@@ -30,7 +30,7 @@ import torch
 
 from provlae import data as datasets
 from provlae.config import TrialConfig, config_identity
-from provlae.errors import ConfigError, TrainingDiverged
+from provlae.errors import CheckpointError, ConfigError, TrainingDiverged
 from provlae.evaluate import batches_to_float, disentanglement, encode
 from provlae.figures import information_per_stage, model_figures, stage_figures
 from provlae.models import LadderVAE, build_family
@@ -148,10 +148,10 @@ def read_checkpoint(path: str | Path, device) -> dict:
             return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"checkpoint {path} holds more than tensors and plain values: refused without "
+        raise CheckpointError(f"checkpoint {path} holds more than tensors and plain values: refused without "
                           f"running it ({first[:200]})") from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as e:
-        raise ConfigError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): "
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): "
                           f"{type(e).__name__}: {str(e)[:200]}") from None
 
 

@@ -15,6 +15,7 @@ from provlae import paths, plugins
 from provlae.config import parse_assignments
 from provlae.data.files import DataFiles
 from provlae.errors import ConfigError, ProvlaeError
+from sweeps.tracking import PATIENCE
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a directory name and a safe MLflow filter value
 # An MLflow experiment name becomes a folder of the artifact store: one name, no path in it.
@@ -58,7 +59,12 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-is-shared", action="store_true",
                         help="--storage is a local path of a file system every node shares (NFS): allowed on a "
                              "cluster of more than one node")
-    parser.add_argument("--max-failures", type=int, default=2, help="retries per trial (default: 2)")
+    parser.add_argument("--max-failures", type=int, default=2,
+                        help="retries per trial (default: 2; -1: without end, but an error that repeats on "
+                             "every attempt, or that no retry can mend, still ends the trial)")
+    parser.add_argument("--tracking-patience", type=float, default=PATIENCE, metavar="SECONDS",
+                        help="how long a trial waits for an unreachable tracking server before it fails "
+                             "(default: 300; each retry of the trial waits as long again)")
     parser.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, as under "
                                           "`ray job submit`; else start a local Ray on this machine)")
@@ -77,6 +83,8 @@ def resolve_common(args: argparse.Namespace, default_name: str) -> None:
         raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
     if args.max_failures < -1:
         raise ConfigError(f"--max-failures must be >= -1 (-1: retry forever), got {args.max_failures}")
+    if not args.tracking_patience > 0:
+        raise ConfigError(f"--tracking-patience must be > 0 seconds, got {args.tracking_patience:g}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     args.overrides = parse_assignments(args.overrides)

@@ -9,21 +9,23 @@ to its parent run; the last two lines say where it is and where the MLflow runs 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 from provlae import paths, plugins
 from provlae.config import TrialConfig
 from provlae.errors import ConfigError, ProvlaeError
-from sweeps import tracking
+from sweeps import sweep_folder, tracking
 from sweeps.cluster_checks import check_cluster
 from sweeps.trainable import GROUP_KEY, group_configs, group_label, train_group, train_trial, trial_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MANIFEST = "provlae_sweep.json"  # the grid a sweep folder was started with
+MANIFEST = sweep_folder.GRID_MANIFEST  # the grid a sweep folder was started with
 TABLE_METRICS = ("mig", "mig_sup", "factor_score", "recon_error")
 MAX_LISTED = 20  # failed trials listed in the summary: it stays one screen
 REPORT_TOP_K = 3  # the paper's top-3 seeds per cell, or all of a sweep's seeds when it has fewer
@@ -44,23 +46,45 @@ def check_trial_data(configs: list[TrialConfig]) -> None:
 
 
 def run_sweep(configs: list[TrialConfig], args: argparse.Namespace, description: dict[str, Any]) -> int:
-    """Run (or resume) the sweep; 0 when every trial finished, 1 when any failed."""
+    """Run (or resume) the sweep; 0 when every trial finished, 1 when any failed or did not finish."""
     check_trial_data(configs)
     uri = tracking.normalize_uri(args.tracking_uri)
     tracking.check_reachable(uri)
-    mlflow = tracking.client(uri)
-    experiment_id = tracking.open_experiment(mlflow, args.experiment)  # a bad experiment: before Ray
     folder = f"{args.storage.rstrip('/')}/{args.name}"
-    check_manifest(folder, configs, fuse_size(args), write=False)
+    check_manifest(folder, configs, fuse_size(args), uri, args.experiment, write=False)
+    restart = sweep_folder.check_tune_state(folder, restartable=True)
 
-    init_ray(args.address)
-    check_cluster(configs, uri, args.storage, getattr(args, "storage_is_shared", False))  # before any run
-    check_manifest(folder, configs, fuse_size(args))
-    parent = tracking.find_or_create_parent(mlflow, experiment_id, args.name,
-                                            {**description, "trials": len(configs)})
-    ctx = tracking.TrackingContext(uri, experiment_id, args.name, parent)
-    results = make_tuner(configs, args, ctx, folder).fit()
+    with sweep_folder.SweepLease.acquire(folder, args.name):  # one driver per sweep, on any machine
+        mlflow = tracking.client(uri)
+        experiment_id = tracking.open_experiment(mlflow, args.experiment)  # a bad experiment: before Ray
+        init_ray(args.address)
+        check_cluster(configs, uri, args.storage, getattr(args, "storage_is_shared", False))  # before any run
+        check_manifest(folder, configs, fuse_size(args), uri, args.experiment)
+        orphans = tracking.end_running(mlflow, experiment_id, args.name)
+        if orphans:
+            print(f"{orphans} run(s) of sweep {args.name!r} left RUNNING by a driver that died: marked KILLED "
+                  f"until they resume", flush=True)
+        parent = tracking.find_or_create_parent(mlflow, experiment_id, args.name,
+                                                {**description, "trials": len(configs)})
+        ctx = tracking.TrackingContext(uri, experiment_id, args.name, parent,
+                                       patience=getattr(args, "tracking_patience", tracking.PATIENCE))
+        with terminate_as_interrupt():
+            results = make_tuner(configs, args, ctx, folder, restore=not restart).fit()
+        try:  # past the Tuner, MLflow calls wait for the server as the trials' do, then give up
+            return end_sweep(configs, args, results, ctx, tracking.patient_client(uri, ctx.patience))
+        except Exception as e:  # noqa: BLE001 - the table is printed; what MLflow could not record, the rerun does
+            if not (tracking.unreachable(e) or isinstance(e, tracking.TrackingError)):
+                raise
+            print(f"\nThe sweep's end could not be recorded in MLflow at {uri} ({last_line(str(e))}): rerun the "
+                  f"same command to record it.")
+            return 1
 
+
+def end_sweep(configs: list[TrialConfig], args: argparse.Namespace, results, ctx: tracking.TrackingContext,
+              mlflow) -> int:
+    """The summary table and failures, the parent run's end (KILLED runs when the sweep was interrupted),
+    the report; the exit status."""
+    parent, uri = ctx.parent_run_id, ctx.tracking_uri
     rows, failures = summarize(results, ctx, mlflow) if fuse_size(args) == 1 else summarize_groups(results, ctx, mlflow)
     unfinished = len(configs) - len(rows)
     print(format_table(rows))
@@ -72,15 +96,35 @@ def run_sweep(configs: list[TrialConfig], args: argparse.Namespace, description:
             print(f"  {name}: {error}")
         if len(failures) > MAX_LISTED:
             print(f"  ... and {len(failures) - MAX_LISTED} more (each run's MLflow tag 'error' holds its error)")
-    if not unfinished:
+    if unfinished:  # interrupted: no trial runs now, so what is still RUNNING was stopped with the driver
+        tracking.end_running(mlflow, ctx.experiment_id, args.name)
+    else:
         tracking.end_parent(mlflow, parent, failed=len(failures))
     print(f"\nMLflow experiment {args.experiment!r} at {uri}, parent run {parent}")
     print(ui_hint(uri))
-    if getattr(args, "report", True):
+    if getattr(args, "report", True) and not unfinished:
         k = min(REPORT_TOP_K, len({c.seed for c in configs}))  # a sweep of 2 seeds reports the top 2
         print(write_sweep_report(args, uri, parent, mlflow, k=k))
-    print(runs_table_line(uri, experiment_id))
+    print(runs_table_line(uri, ctx.experiment_id))
     return 1 if failures or unfinished else 0
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (``ray job stop``, a scheduler's kill) stops the sweep as Ctrl-C does: Tune saves its state
+    and stops the trials, and the runs still RUNNING end KILLED."""
+    def interrupt(signum, frame):
+        signal.raise_signal(signal.SIGINT)
+
+    try:
+        before = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 # ------------------------------------------------------------------------------------------ Ray
@@ -118,13 +162,13 @@ def groups_of(configs: list[TrialConfig], args: argparse.Namespace) -> list[list
 
 
 def make_tuner(configs: list[TrialConfig], args: argparse.Namespace, ctx: tracking.TrackingContext,
-               folder: str):
-    """The grid's Tuner, or the interrupted one restored from ``folder`` (errored trials retried). With
-    ``--fuse K`` > 1 each Tune trial is a fused group of up to K grid trials."""
+               folder: str, restore: bool = True):
+    """The grid's Tuner, or the interrupted one restored from ``folder`` (errored trials retried) unless
+    ``restore`` is False. With ``--fuse K`` > 1 each Tune trial is a fused group of up to K grid trials."""
     from ray import tune
 
     trainable = trainable_for(args, ctx)
-    if tune.Tuner.can_restore(folder):
+    if restore and tune.Tuner.can_restore(folder):
         print(f"resuming sweep {args.name!r} from {folder}", flush=True)
         return tune.Tuner.restore(folder, trainable=trainable, resume_errored=True)
     if fuse_size(args) == 1:
@@ -157,8 +201,11 @@ def trainable_for(args: argparse.Namespace, ctx: tracking.TrackingContext):
 def run_config(args: argparse.Namespace):
     from ray import tune
 
+    from sweeps.failure_policy import EndRepeatedFailures
+
     return tune.RunConfig(
         name=args.name, storage_path=args.storage, verbose=1, progress_reporter=reporter(fuse_size(args) > 1),
+        callbacks=[EndRepeatedFailures()],
         failure_config=tune.FailureConfig(max_failures=args.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
 
@@ -190,32 +237,32 @@ def trial_dirname(trial) -> str:
 # ------------------------------------------------------------------------------ sweep folder
 
 
-def check_manifest(folder: str, configs: list[TrialConfig], fuse: int = 1, write: bool = True) -> None:
-    """A sweep name resumes the same grid: refuse to resume a folder started with other trials, or with
-    another ``--fuse`` (Tune's saved trials are the groups). ``write``: record a new sweep's grid."""
-    import pyarrow.fs
-
+def check_manifest(folder: str, configs: list[TrialConfig], fuse: int, tracking_uri: str, experiment: str,
+                   write: bool = True) -> None:
+    """A sweep name resumes the same grid in the same MLflow store: refuse a folder started with other
+    trials, another ``--fuse`` (Tune's saved trials are the groups), another experiment or tracking URI,
+    or a search. ``write``: record a new sweep's grid (and the store of one recorded before stores were)."""
+    sweep_folder.check_kind(folder, "grid")
     digests = sorted(hashlib.sha256(json.dumps(c.identity(), sort_keys=True).encode()).hexdigest()
                      for c in configs)
-    fs, path = pyarrow.fs.FileSystem.from_uri(folder if "://" in folder else Path(folder).as_uri())
-    manifest = f"{path}/{MANIFEST}"
-    if fs.get_file_info(manifest).type == pyarrow.fs.FileType.File:
-        with fs.open_input_stream(manifest) as f:
-            saved = json.loads(f.read())
-        before = saved["trials"]
+    saved = sweep_folder.read_json(folder, MANIFEST)
+    if saved is not None:
+        before = saved.get("trials")
         if before != digests:
-            raise ConfigError(f"sweep folder {folder} holds a different grid ({len(before)} trials; now "
+            count = len(before) if isinstance(before, list) else "?"
+            raise ConfigError(f"sweep folder {folder} holds a different grid ({count} trials; now "
                               f"{len(digests)}): repeat the original flags to resume it, or pass --name "
                               f"for a new sweep")
         if saved.get("fuse", 1) != fuse:
             raise ConfigError(f"sweep folder {folder} was started with --fuse {saved.get('fuse', 1)}, not "
                               f"--fuse {fuse}: repeat it to resume the sweep, or pass --name for a new sweep")
+        sweep_folder.check_store(folder, saved, tracking_uri, experiment)
+        if write and "tracking_uri" not in saved:
+            sweep_folder.write_json(folder, MANIFEST, {**saved, **sweep_folder.store_fields(tracking_uri, experiment)})
         return
-    if not write:
-        return
-    fs.create_dir(path)
-    with fs.open_output_stream(manifest) as f:
-        f.write(json.dumps({"trials": digests, "fuse": fuse}).encode())
+    if write:
+        sweep_folder.write_json(folder, MANIFEST, {"trials": digests, "fuse": fuse,
+                                                   **sweep_folder.store_fields(tracking_uri, experiment)})
 
 
 # ---------------------------------------------------------------------------------- the summary
@@ -260,9 +307,12 @@ def summarize_groups(results, ctx: tracking.TrackingContext, mlflow) -> tuple[li
 
 def _mark_failed(mlflow, ctx: tracking.TrackingContext, cfg: TrialConfig, trial_id: str, error: str) -> None:
     """A trial whose worker died on its last try could not end its own run."""
-    run = tracking.find_trial_run(mlflow, ctx.experiment_id, ctx.trial_key(cfg, trial_id))
-    if run is not None and run.info.status != "FAILED":
-        tracking.mark_failed(mlflow, run.info.run_id, error)
+    try:
+        run = tracking.find_trial_run(mlflow, ctx.experiment_id, ctx.trial_key(cfg, trial_id))
+        if run is not None and run.info.status != "FAILED":
+            tracking.mark_failed(mlflow, run.info.run_id, error)
+    except tracking.TrackingError:  # the server is away: the rerun retries the trial and records it
+        pass
 
 
 def last_line(text: str) -> str:

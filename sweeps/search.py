@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from provlae import plugins
 from provlae.config import TrialConfig
 from provlae.errors import ConfigError, TrainingDiverged
-from sweeps import grid, tracking
+from sweeps import grid, sweep_folder, tracking
 
 if TYPE_CHECKING:
     from provlae.fused import FusedTrainer
@@ -40,7 +40,7 @@ LOWER_IS_BETTER = frozenset({"recon_error"})
 BETA_RANGE = (0.5, 32.0)  # log-uniform
 LR_RANGE = (1e-4, 2e-3)  # log-uniform
 REDUCTION_FACTOR = 2  # ASHA: rungs at S, 2S, 4S, ... steps, so every rung is a stage end (see make_scheduler)
-MANIFEST = "provlae_search.json"  # the search a sweep folder was started with
+MANIFEST = sweep_folder.SEARCH_MANIFEST  # the search a sweep folder was started with
 SEARCH_TAG = ("search", "optuna")
 CHECKPOINT_META = "search.json"  # beside the fused group's checkpoint: the step it was taken at
 
@@ -190,25 +190,23 @@ def asha_milestones(stage_steps: int, total_steps: int) -> list[int]:
 # -------------------------------------------------------------------------------- the sweep folder
 
 
-def check_manifest(folder: str, spec: SearchSpec) -> bool:
-    """Write the search's manifest into a new folder; True when the folder already holds this search.
-    A folder started with another search (other flags) is refused rather than mixed."""
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(folder if "://" in folder else Path(folder).as_uri())
-    manifest = f"{path}/{MANIFEST}"
+def check_manifest(folder: str, spec: SearchSpec, tracking_uri: str, experiment: str, write: bool = True) -> bool:
+    """True when the folder already holds this search; else, with ``write``, record the search's manifest
+    in it. A folder started with another search (other flags), with another MLflow store, or holding a
+    grid is refused rather than mixed."""
+    sweep_folder.check_kind(folder, "search")
     mine = json.loads(json.dumps(spec.manifest()))
-    if fs.get_file_info(manifest).type == pyarrow.fs.FileType.File:
-        with fs.open_input_stream(manifest) as f:
-            before = json.loads(f.read())
+    before = sweep_folder.read_json(folder, MANIFEST)
+    if before is not None:
+        store = {k: before.pop(k) for k in list(sweep_folder.store_fields("", "")) if k in before}
         differ = sorted(k for k in set(mine) | set(before) if mine.get(k) != before.get(k))
         if differ:
             raise ConfigError(f"sweep folder {folder} holds a different search (differs in: {', '.join(differ)}):"
                               f" repeat the original flags to resume it, or pass --name for a new search")
+        sweep_folder.check_store(folder, store, tracking_uri, experiment)
         return True
-    fs.create_dir(path)
-    with fs.open_output_stream(manifest) as f:
-        f.write(json.dumps(mine, indent=1).encode())
+    if write:
+        sweep_folder.write_json(folder, MANIFEST, {**mine, **sweep_folder.store_fields(tracking_uri, experiment)})
     return False
 
 
@@ -421,6 +419,8 @@ def make_tuner(spec: SearchSpec, args: argparse.Namespace, ctx: tracking.Trackin
     """(tuner, restored): the experiment restored from ``folder`` when Tune saved it there, else a new one."""
     from ray import tune
 
+    from sweeps.failure_policy import EndRepeatedFailures
+
     trainable = tune.with_resources(
         tune.with_parameters(search_trial, tracking_ctx=ctx, seeds=list(spec.seeds), objective=spec.objective,
                              threads=max(1, int(args.cpus_per_trial)),
@@ -439,7 +439,7 @@ def make_tuner(spec: SearchSpec, args: argparse.Namespace, ctx: tracking.Trackin
         run_config=tune.RunConfig(
             name=args.name, storage_path=args.storage, verbose=1, progress_reporter=reporter(spec),
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2), callbacks=[EndRepeatedFailures()]),
     ), False
 
 
@@ -471,21 +471,31 @@ def trial_id_of(dirname: str) -> str:
 
 def run_search(spec: SearchSpec, args: argparse.Namespace) -> int:
     """Run (or resume) the search; 0 when every trial ended (finished or stopped early), 1 otherwise."""
-    from sweeps.cluster_checks import check_cluster
-    from sweeps.launch import check_trial_data, init_ray, ui_hint
+    from sweeps.launch import check_trial_data
 
     check_trial_data([spec.base])
     uri = tracking.normalize_uri(args.tracking_uri)
     tracking.check_reachable(uri)
-    mlflow = tracking.client(uri)
-    experiment_id = tracking.open_experiment(mlflow, args.experiment)  # a bad experiment: before Ray
     folder = f"{args.storage.rstrip('/')}/{args.name}"
-    started = check_manifest(folder, spec)
+    check_manifest(folder, spec, uri, args.experiment, write=False)
+    sweep_folder.check_tune_state(folder, restartable=False)
+    with sweep_folder.SweepLease.acquire(folder, args.name):  # one driver per search, on any machine
+        mlflow = tracking.client(uri)
+        experiment_id = tracking.open_experiment(mlflow, args.experiment)  # a bad experiment: before Ray
+        started = check_manifest(folder, spec, uri, args.experiment)
+        return _run_search(spec, args, uri, mlflow, experiment_id, folder, started)
+
+
+def _run_search(spec: SearchSpec, args: argparse.Namespace, uri: str, mlflow, experiment_id: str, folder: str,
+                started: bool) -> int:
+    from sweeps.cluster_checks import check_cluster
+    from sweeps.launch import init_ray, terminate_as_interrupt, ui_hint
 
     init_ray(args.address)
     check_cluster([spec.base], uri, args.storage, args.storage_is_shared)  # before any run
     parent = tracking.find_or_create_parent(mlflow, experiment_id, args.name, spec.describe())
-    ctx = tracking.TrackingContext(uri, experiment_id, args.name, parent, tags=(SEARCH_TAG,))
+    ctx = tracking.TrackingContext(uri, experiment_id, args.name, parent, tags=(SEARCH_TAG,),
+                                   patience=getattr(args, "tracking_patience", tracking.PATIENCE))
     mlflow.set_tag(parent, *SEARCH_TAG)
     mlflow.log_dict(parent, search_document(spec), "search_space.json")
     tuner, restored = make_tuner(spec, args, ctx, folder)
@@ -496,7 +506,8 @@ def run_search(spec: SearchSpec, args: argparse.Namespace) -> int:
         else:  # killed before Tune first saved its state: the seeded sampler proposes the same trials again
             print(f"restarting search {args.name!r} in {folder}: no Tune state saved yet ({ended}; "
                   f"their runs are found in MLflow, not retrained)", flush=True)
-    results = tuner.fit()
+    with terminate_as_interrupt():
+        results = tuner.fit()
 
     rows = summarize(results, spec, ctx, mlflow)
     print(format_table(rows, spec))

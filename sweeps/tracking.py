@@ -48,6 +48,11 @@ FLUSH_METRICS = 500  # buffered metric values that force a flush
 FLUSH_SECONDS = 15.0  # ... or the time since the last flush
 BATCH_LIMIT = 1000  # MLflow's log_batch limit on metrics per request
 TAG_VALUE_LIMIT = 5000
+PATIENCE = 300.0  # seconds a trial waits for an unreachable tracking server before it fails (--tracking-patience)
+RETRY_EVERY = 5.0  # seconds between a trial's tries of a call while the server is away
+# Inside a trial, MLflow's own retries are kept short, so the patience above is what bounds a wait (its
+# defaults, 7 retries with backoff factor 2, take about four minutes per call). The user's settings win.
+TRIAL_CLIENT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 class TrackingError(ProvlaeError):
@@ -132,6 +137,72 @@ def client(uri: str) -> "MlflowClient":
     return MlflowClient(tracking_uri=uri)
 
 
+def unreachable(e: BaseException) -> bool:
+    """Whether an MLflow call failed because the server did not answer (connection refused or reset, a
+    timeout, 5xx answers past the client's retries), rather than with an answer of the server's."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(e, RestException) or not isinstance(e, MlflowException):
+        return False
+    return "failed with exception" in e.message or "failed with timeout exception" in e.message
+
+
+class PatientClient:
+    """An MlflowClient whose calls wait out an unreachable tracking server: a call that cannot reach it is
+    tried again every ``RETRY_EVERY`` seconds for up to ``patience`` seconds, then raises TrackingError
+    naming the server and the wait. Calls the server answers (with a result or an error) pass unchanged.
+    A call repeated after a lost answer is safe here: metric values carry their own timestamps (the
+    server keeps one of identical values) and a run created twice is resolved by its trial key."""
+
+    def __init__(self, inner: "MlflowClient", patience: float):
+        self._inner, self._patience = inner, patience
+
+    @property
+    def tracking_uri(self) -> str:
+        return self._inner.tracking_uri
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            deadline = None
+            while True:
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as e:
+                    if not unreachable(e):
+                        raise
+                    now = time.monotonic()
+                    deadline = deadline if deadline is not None else now + self._patience
+                    if now >= deadline:
+                        cause = str(e).strip().splitlines()[0][:200]
+                        raise TrackingError(f"tracking server {self.tracking_uri} was unreachable for more than "
+                                            f"{self._patience:g} s (--tracking-patience): {cause}") from None
+                    time.sleep(min(RETRY_EVERY, deadline - now))
+
+        return call
+
+
+def patient_client(uri: str, patience: float = PATIENCE) -> PatientClient:
+    """The client a trial uses (MLflow's own retries kept short unless the user set them)."""
+    for key, value in TRIAL_CLIENT_RETRIES.items():
+        os.environ.setdefault(key, value)
+    return PatientClient(client(uri), patience)
+
+
+def end_running(mlflow: "MlflowClient", experiment_id: str, sweep: str, status: str = "KILLED") -> int:
+    """End every run of ``sweep`` still RUNNING (its parent included) with ``status``; how many. Called by
+    the driver holding the sweep's lease, when no trial of it runs: after its Tuner returned unfinished
+    (interrupted), and before it starts (runs a driver killed outright left RUNNING)."""
+    runs = mlflow.search_runs([experiment_id], f"tags.sweep = '{sweep}' and attributes.status = 'RUNNING'",
+                              max_results=10000)
+    for run in runs:
+        mlflow.set_terminated(run.info.run_id, status)
+    return len(runs)
+
+
 def open_experiment(mlflow: "MlflowClient", name: str) -> str:
     """The experiment's id, created if needed (artifacts beside a sqlite store, never in the cwd) and
     tagged as model training; an existing experiment without a kind gets that tag too."""
@@ -189,6 +260,7 @@ class TrackingContext:
     parent_run_id: str
     key_by: str = "config"  # "config": the resolved config names the trial; "trial_id": Tune's trial id
     tags: tuple[tuple[str, str], ...] = ()  # extra tags on every trial run, e.g. (("search", "optuna"),)
+    patience: float = PATIENCE  # seconds a trial waits for an unreachable tracking server
 
     def trial_key(self, cfg: TrialConfig, trial_id: str) -> str:
         what = json.dumps(cfg.identity(), sort_keys=True) if self.key_by == "config" else trial_id
@@ -224,7 +296,7 @@ class TrialRun:
 
     @classmethod
     def open(cls, ctx: TrackingContext, cfg: TrialConfig, trial_id: str) -> "TrialRun":
-        mlflow = client(ctx.tracking_uri)
+        mlflow = patient_client(ctx.tracking_uri, ctx.patience)
         key = ctx.trial_key(cfg, trial_id)
         found = find_trial_run(mlflow, ctx.experiment_id, key)
         if found is None:
@@ -301,6 +373,9 @@ class TrialRun:
         self.status = "FINISHED"
 
     def fail(self, error: BaseException | str) -> None:
+        if isinstance(error, TrackingError):  # the server is away: the next attempt, or the rerun, records it
+            self.status = "FAILED"
+            return
         try:
             self.flush()
         finally:

@@ -20,7 +20,7 @@ from ray import tune
 
 from provlae import plugins
 from provlae.config import TrialConfig
-from provlae.errors import TrainingDiverged
+from provlae.errors import CheckpointError, TrainingDiverged
 from sweeps.tracking import TrackingContext, TrialRun
 
 CHECKPOINT_FILE = "trainer.pt"
@@ -64,10 +64,7 @@ def _train(cfg: TrialConfig, run: TrialRun) -> tuple[dict[str, float], int, int]
     from provlae.train import Trainer
 
     trainer = Trainer(cfg)
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+    if restore_checkpoint(lambda folder: trainer.load_checkpoint(folder / CHECKPOINT_FILE)):
         run.resumed_at(trainer.step)
 
     last_report = time.monotonic()
@@ -92,6 +89,44 @@ def _train(cfg: TrialConfig, run: TrialRun) -> tuple[dict[str, float], int, int]
     final = trainer.run(on_event)
     finish_with_figures(run, trainer)
     return final, trainer.step, trainer.stage
+
+
+def restore_checkpoint(load) -> bool:
+    """Load the trial's newest readable Tune checkpoint with ``load(folder)``; False when it has none.
+    A damaged newest one (truncated by a full disk or a lost node) falls back to the one kept before it
+    (``num_to_keep=2``): the steps in between are trained again, bitwise the same, and MLflow already holds
+    them. All damaged: CheckpointError, which ends the trial without retries (sweeps/failure_policy.py)."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return False
+    errors = []
+    for candidate in [checkpoint, *earlier_checkpoints(checkpoint)]:
+        try:
+            with candidate.as_directory() as folder:
+                load(Path(folder))
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        if errors:
+            logging.getLogger(__name__).warning("resumed from %s: the newer checkpoint is damaged (%s)",
+                                                candidate.path, errors[0])
+        return True
+    raise CheckpointError(f"every kept checkpoint of this trial is damaged: {errors[0]}")
+
+
+def earlier_checkpoints(checkpoint) -> list:
+    """The trial's other kept checkpoints older than ``checkpoint`` (Tune's checkpoint_NNNNNN folders
+    beside it), newest first."""
+    import pyarrow.fs
+
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    try:
+        infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    except OSError:
+        return []
+    older = sorted((Path(i.path).name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and Path(i.path).name.startswith("checkpoint_") and Path(i.path).name < name), reverse=True)
+    return [tune.Checkpoint(f"{parent}/{n}", filesystem=checkpoint.filesystem) for n in older]
 
 
 def log_stage_figures(run: TrialRun, trainer) -> None:
@@ -162,10 +197,16 @@ def _train_members(cfgs: list[TrialConfig], runs: list[TrialRun], todo: list[int
     from provlae.fused import FusedTrainer
 
     group = FusedTrainer([cfgs[i] for i in todo], kernels=kernels)
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
+
+    def load(folder: Path) -> None:
+        nonlocal group
+        try:
             group.load_checkpoint(folder)
+        except CheckpointError:  # members read before the damaged one are loaded: start the next try afresh
+            group = FusedTrainer([cfgs[i] for i in todo], kernels=kernels)
+            raise
+
+    if restore_checkpoint(load):
         for j, i in enumerate(todo):
             runs[i].resumed_at(group.members[j].step)
     last_report = time.monotonic()

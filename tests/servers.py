@@ -108,11 +108,13 @@ def stop_group(proc: subprocess.Popen, grace: float = 2.0) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, timeout: float = 90.0, admin_password: str | None = None) -> Iterator[str]:
+def mlflow_server(folder: Path, timeout: float = 90.0, admin_password: str | None = None,
+                  port: int | None = None) -> Iterator[str]:
     """``mlflow server`` on 127.0.0.1 with a sqlite store and local artifacts under ``folder``; yields its URL.
-    With ``admin_password``: MLflow's basic-auth app, its user store in ``folder``, user ``admin``."""
+    With ``admin_password``: MLflow's basic-auth app, its user store in ``folder``, user ``admin``. ``port``:
+    a given one (a server started again over the same folder is the same server to its clients)."""
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
            "--default-artifact-root", str(folder / "artifacts")]
@@ -125,7 +127,7 @@ def mlflow_server(folder: Path, timeout: float = 90.0, admin_password: str | Non
         env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
                    MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex())
         cmd += ["--app-name", "basic-auth"]
-    log = open(folder / "server.log", "w")
+    log = open(folder / "server.log", "a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:

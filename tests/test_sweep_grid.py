@@ -156,11 +156,11 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
 def test_a_sweep_name_resumes_only_its_own_grid(tmp_path):
     from sweeps.launch import check_manifest
 
-    folder = str(tmp_path / "ray" / "name")
-    check_manifest(folder, grid.build_trials("smoke"))
-    check_manifest(folder, grid.build_trials("smoke"))  # the same grid: resumable
+    folder, store = str(tmp_path / "ray" / "name"), ("sqlite:////tmp/a.db", "exp")
+    check_manifest(folder, grid.build_trials("smoke"), 1, *store)
+    check_manifest(folder, grid.build_trials("smoke"), 1, *store)  # the same grid: resumable
     with pytest.raises(ConfigError, match="different grid"):
-        check_manifest(folder, grid.build_trials("smoke", betas=[1.0, 2.0]))
+        check_manifest(folder, grid.build_trials("smoke", betas=[1.0, 2.0]), 1, *store)
 
 
 def _as_before(cfg) -> dict:
@@ -194,9 +194,10 @@ def test_records_of_an_earlier_version_are_found_again(tmp_path, provlae_home, m
     digests = sorted(hashlib.sha256(json.dumps(_as_before(c), sort_keys=True).encode()).hexdigest()
                      for c in configs)
     (folder / "provlae_sweep.json").write_text(json.dumps({"trials": digests}))  # no "fuse" key then
-    check_manifest(str(folder), configs)  # no error: the same grid
+    store = ("sqlite:////tmp/a.db", "exp")
+    check_manifest(str(folder), configs, 1, *store)  # no error: the same grid
     with pytest.raises(ConfigError, match="was started with --fuse 1"):
-        check_manifest(str(folder), configs, fuse=2)
+        check_manifest(str(folder), configs, 2, *store)
 
     cfg = configs[0].with_overrides({"steps_per_stage": 2})
     trainer = Trainer(cfg)
