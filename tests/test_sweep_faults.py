@@ -5,7 +5,7 @@
   newest checkpoint and a damaged newest Tune state fall back to the ones before; the rerun finishes
   every trial in its one run, every step once, the numbers of an uninterrupted run;
 - the tracking server away for longer than ``--tracking-patience``: the trial fails with a clear error,
-  the summary prints, the rerun resumes into the same run; away for a minute: the sweep waits it out;
+  the summary prints, the rerun resumes into the same run; away for 45 s: the sweep waits it out;
 - ``--max-failures -1`` with an error that repeats on every attempt ends the trial;
 - a sweep folder resumes only as it was started (store, kind) and a damaged manifest is one error.
 """
@@ -30,6 +30,7 @@ from sweeps.tracking import RESUMED_TAG
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 LONG = {"steps_per_stage": 60, "checkpoint_every": 10}  # long enough to be stopped mid-stage
+OUTAGE = 45  # seconds the tracking server is away while a trial waits for it (more than 40)
 
 
 @pytest.fixture(scope="module")
@@ -204,14 +205,14 @@ def test_a_driver_killed_outright_leaves_runs_that_the_rerun_sets_right(local_ra
 
 def test_the_tracking_server_away(local_ray, store, check_sweep_runs, tmp_path):
     """Away for longer than --tracking-patience: the trial fails with that error and the summary prints;
-    the rerun resumes it into the same run, and there the server is away for a minute, which it waits out."""
+    the rerun resumes it into the same run, and there the server is away for OUTAGE seconds, which it waits out."""
     folder = tmp_path / "mlflow"
     port = servers.free_port()
     uri = f"http://127.0.0.1:{port}"
     name = "outage"
-    cmd = sweep_cmd(store, name, *long_args(steps_per_stage=80), "--address", local_ray, "--max-failures", "0",
+    cmd = sweep_cmd(store, name, *long_args(steps_per_stage=40), "--address", local_ray, "--max-failures", "0",
                     uri=uri)
-    cfg = the_trial(steps_per_stage=80)
+    cfg = the_trial(steps_per_stage=40)
     with servers.mlflow_server(folder, port=port):
         with open(store / f"{name}-1.log", "w") as log:
             first = subprocess.Popen([*cmd, "--tracking-patience", "8"], cwd=ROOT, stdout=log,
@@ -242,7 +243,7 @@ def test_the_tracking_server_away(local_ray, store, check_sweep_runs, tmp_path):
         except BaseException:
             servers.kill_session(rerun)
             raise
-    time.sleep(60)  # a minute away, mid-stage
+    time.sleep(OUTAGE)  # away mid-stage
     with servers.mlflow_server(folder, port=port):
         try:
             out, _ = rerun.communicate(timeout=300)
