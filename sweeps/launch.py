@@ -52,9 +52,9 @@ def run_sweep(configs: list[TrialConfig], args: argparse.Namespace, description:
     tracking.check_reachable(uri)
     folder = f"{args.storage.rstrip('/')}/{args.name}"
     check_manifest(folder, configs, fuse_size(args), uri, args.experiment, write=False)
-    restart = sweep_folder.check_tune_state(folder, restartable=True)
 
     with sweep_folder.SweepLease.acquire(folder, args.name):  # one driver per sweep, on any machine
+        restart = sweep_folder.check_tune_state(folder, restartable=True)  # Tune's state is ours to mend now
         mlflow = tracking.client(uri)
         experiment_id = tracking.open_experiment(mlflow, args.experiment)  # a bad experiment: before Ray
         init_ray(args.address)

@@ -478,8 +478,8 @@ def run_search(spec: SearchSpec, args: argparse.Namespace) -> int:
     tracking.check_reachable(uri)
     folder = f"{args.storage.rstrip('/')}/{args.name}"
     check_manifest(folder, spec, uri, args.experiment, write=False)
-    sweep_folder.check_tune_state(folder, restartable=False)
     with sweep_folder.SweepLease.acquire(folder, args.name):  # one driver per search, on any machine
+        sweep_folder.check_tune_state(folder, restartable=False)
         mlflow = tracking.client(uri)
         experiment_id = tracking.open_experiment(mlflow, args.experiment)  # a bad experiment: before Ray
         started = check_manifest(folder, spec, uri, args.experiment)
