@@ -15,6 +15,7 @@ from provlae import paths, plugins
 from provlae.config import parse_assignments
 from provlae.data.files import DataFiles
 from provlae.errors import ConfigError, ProvlaeError
+from sweeps.cluster_checks import check_driver_address, driver_address
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a directory name and a safe MLflow filter value
 # An MLflow experiment name becomes a folder of the artifact store: one name, no path in it.
@@ -88,6 +89,8 @@ def resolve_common(args: argparse.Namespace, default_name: str) -> None:
         args.overrides.setdefault("device", "cuda")
     else:
         args.overrides.setdefault("device", "cpu")
+    if not args.dry_run:  # a dry run joins no cluster: the shell's RAY_ADDRESS does not concern it
+        check_driver_address(*driver_address(args.address))
 
 
 def registered(kind: str) -> str:
