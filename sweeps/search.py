@@ -190,9 +190,10 @@ def asha_milestones(stage_steps: int, total_steps: int) -> list[int]:
 # -------------------------------------------------------------------------------- the sweep folder
 
 
-def check_manifest(folder: str, spec: SearchSpec) -> bool:
+def check_manifest(folder: str, spec: SearchSpec, write: bool = True) -> bool:
     """Write the search's manifest into a new folder; True when the folder already holds this search.
-    A folder started with another search (other flags) is refused rather than mixed."""
+    A folder started with another search (other flags) is refused rather than mixed. ``write=False``:
+    check only, and create nothing."""
     import pyarrow.fs
 
     fs, path = pyarrow.fs.FileSystem.from_uri(folder if "://" in folder else Path(folder).as_uri())
@@ -206,9 +207,10 @@ def check_manifest(folder: str, spec: SearchSpec) -> bool:
             raise ConfigError(f"sweep folder {folder} holds a different search (differs in: {', '.join(differ)}):"
                               f" repeat the original flags to resume it, or pass --name for a new search")
         return True
-    fs.create_dir(path)
-    with fs.open_output_stream(manifest) as f:
-        f.write(json.dumps(mine, indent=1).encode())
+    if write:
+        fs.create_dir(path)
+        with fs.open_output_stream(manifest) as f:
+            f.write(json.dumps(mine, indent=1).encode())
     return False
 
 
@@ -480,10 +482,11 @@ def run_search(spec: SearchSpec, args: argparse.Namespace) -> int:
     mlflow = tracking.client(uri)
     experiment_id = tracking.open_experiment(mlflow, args.experiment)  # a bad experiment: before Ray
     folder = f"{args.storage.rstrip('/')}/{args.name}"
-    started = check_manifest(folder, spec)
+    started = check_manifest(folder, spec, write=False)
 
     init_ray(args.address)
     check_cluster([spec.base], uri, args.storage, args.storage_is_shared)  # before any run
+    check_manifest(folder, spec)  # a search refused above leaves no folder behind
     parent = tracking.find_or_create_parent(mlflow, experiment_id, args.name, spec.describe())
     ctx = tracking.TrackingContext(uri, experiment_id, args.name, parent, tags=(SEARCH_TAG,))
     mlflow.set_tag(parent, *SEARCH_TAG)
