@@ -18,6 +18,8 @@
 #   PROVLAE_UP_TIMEOUT      seconds `up` waits for both servers to answer   (default 180)
 #   PROVLAE_STOP_TIMEOUT    seconds `down` waits after SIGTERM before SIGKILL (default 20)
 #   PROVLAE_HOME            data directory (see provlae/paths.py); the state lives in $data_home/cluster
+# Each number must be a whole one (ports 1-65535, three different ones): anything else is one
+# `local.sh: error: ...` line and exit status 2, before anything starts or is written.
 #
 # A second `up` while the service runs starts nothing: it says so on stderr, prints the same exports again
 # and exits 0, so `eval "$(cluster/local.sh up)"` is safe in every new shell. If only part of a previous
@@ -37,6 +39,35 @@ HOST=127.0.0.1
 
 say() { printf 'local.sh: %s\n' "$*" >&2; }
 die() { say "$*"; exit 1; }
+bad_setting() { say "error: $*"; exit 2; }   # a setting the user gave: nothing has been started or written
+
+# --- settings -------------------------------------------------------------------------------------------
+# Each numeric setting is checked before anything starts: bash would read 'abc' as 0 in arithmetic and 010
+# as octal, Ray and MLflow would fail later with a traceback in a log. Values are kept in decimal.
+whole_number() {  # variable, its PROVLAE_ name, the least value, what it must be, the most value (optional)
+    local given=${!1} least=$3 most=${5:-999999999}
+    [[ $given =~ ^[0-9]{1,9}$ ]] || bad_setting "$2 must be $4, got '$given'"
+    ((10#$given >= least && 10#$given <= most)) || bad_setting "$2 must be $4, got '$given'"
+    printf -v "$1" '%d' "$((10#$given))"
+}
+
+check_settings() {
+    local name
+    for name in RAY DASHBOARD MLFLOW; do
+        whole_number "${name}_PORT" "PROVLAE_${name}_PORT" 1 "a port number (1-65535)" 65535
+    done
+    if ((RAY_PORT == DASHBOARD_PORT || RAY_PORT == MLFLOW_PORT || DASHBOARD_PORT == MLFLOW_PORT)); then
+        bad_setting "PROVLAE_RAY_PORT, PROVLAE_DASHBOARD_PORT and PROVLAE_MLFLOW_PORT must differ, got" \
+            "$RAY_PORT, $DASHBOARD_PORT and $MLFLOW_PORT"
+    fi
+    whole_number MLFLOW_WORKERS PROVLAE_MLFLOW_WORKERS 1 "a whole number of workers (at least 1)"
+    whole_number UP_TIMEOUT PROVLAE_UP_TIMEOUT 1 "a whole number of seconds (at least 1)"
+    check_stop_timeout
+}
+
+check_stop_timeout() {
+    whole_number STOP_TIMEOUT PROVLAE_STOP_TIMEOUT 0 "a whole number of seconds (0 or more)"
+}
 
 # --- small helpers in Python (socket and HTTP checks without curl) --------------------------------------
 pyhelp() {
@@ -217,6 +248,7 @@ wait_until_ready() {
 }
 
 cmd_up() {
+    check_settings
     resolve_state
     lock
     if [[ -f $STATE/ray.pid || -f $STATE/mlflow.pid ]]; then
@@ -289,6 +321,7 @@ EOF
 
 # --- down / status ----------------------------------------------------------------------------------------
 cmd_down() {
+    check_stop_timeout
     resolve_state
     lock
     if [[ ! -f $STATE/ray.pid && ! -f $STATE/mlflow.pid ]]; then

@@ -15,6 +15,7 @@ from provlae import paths, plugins
 from provlae.config import parse_assignments
 from provlae.data.files import DataFiles
 from provlae.errors import ConfigError, ProvlaeError
+from sweeps.cluster_checks import check_driver_address, driver_address
 from sweeps.tracking import PATIENCE
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a directory name and a safe MLflow filter value
@@ -92,10 +93,25 @@ def resolve_common(args: argparse.Namespace, default_name: str) -> None:
     if names:
         args.overrides["plugins"] = ",".join(names)
     args.data = DataFiles.from_args(args.data_dir, args.data_file)  # after the plug-ins: their datasets too
-    if args.gpus_per_trial > 0:
-        args.overrides.setdefault("device", "cuda")
-    else:
-        args.overrides.setdefault("device", "cpu")
+    args.overrides["device"] = trial_device(args.overrides.get("device"), args.gpus_per_trial)
+    if not args.dry_run:  # a dry run joins no cluster: the shell's RAY_ADDRESS does not concern it
+        check_driver_address(*driver_address(args.address))
+
+
+def trial_device(device: str | None, gpus_per_trial: float) -> str:
+    """The trials' device: cuda when they are given GPUs, else cpu, unless ``--set device=`` says. A trial
+    runs where Ray assigns it GPUs only when it asks for them, so cuda without --gpus-per-trial (and a
+    reserved GPU that a cpu trial leaves idle) is refused here, before anything starts."""
+    if device is None:
+        return "cuda" if gpus_per_trial > 0 else "cpu"
+    if device.startswith("cuda") and gpus_per_trial == 0:
+        raise ConfigError(f"--set device={device} with --gpus-per-trial 0: Ray assigns a trial no GPU unless it "
+                          f"asks for one, so it could not train on cuda; pass --gpus-per-trial (1: a GPU per "
+                          f"trial, 0.25: four trials per GPU)")
+    if device == "cpu" and gpus_per_trial > 0:
+        raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g} reserves a GPU share for each trial, and --set "
+                          f"device=cpu leaves it idle: drop one of the two")
+    return device
 
 
 def registered(kind: str) -> str:

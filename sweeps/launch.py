@@ -56,10 +56,11 @@ def run_sweep(configs: list[TrialConfig], args: argparse.Namespace, description:
     with sweep_folder.SweepLease.acquire(folder, args.name):  # one driver per sweep, on any machine
         restart = sweep_folder.check_tune_state(folder, restartable=True)  # Tune's state is ours to mend now
         mlflow = tracking.client(uri)
-        experiment_id = tracking.open_experiment(mlflow, args.experiment)  # a bad experiment: before Ray
+        tracking.check_experiment(mlflow, args.experiment)  # a deleted experiment: before Ray
         init_ray(args.address)
         check_cluster(configs, uri, args.storage, getattr(args, "storage_is_shared", False))  # before any run
         check_manifest(folder, configs, fuse_size(args), uri, args.experiment)
+        experiment_id = tracking.open_experiment(mlflow, args.experiment)
         orphans = tracking.end_running(mlflow, experiment_id, args.name)
         if orphans:
             print(f"{orphans} run(s) of sweep {args.name!r} left RUNNING by a driver that died: marked KILLED "
@@ -132,22 +133,34 @@ def terminate_as_interrupt():
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join ``address`` / $RAY_ADDRESS (set for drivers under ``ray job submit``), else start a local Ray:
-    no dashboard, and the repository on the workers' path wherever this script is run from."""
+    no dashboard, and the repository on the workers' path wherever this script is run from. A dashboard
+    (http://) address, or a token the cluster does not take, is a ConfigError before ray.init. ray.init's
+    own "Connecting to / Started a local Ray" lines are left out, so that a sweep refused once Ray is up
+    (sweeps/cluster_checks.py) says its one error line alone; the "ray" logger is then at INFO, as ray.init
+    leaves it."""
+    import logging
+
     import ray
+    from ray.exceptions import AuthenticationError
+
+    from sweeps.cluster_checks import check_driver_address, check_token, driver_address
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address, source = driver_address(address)
     if address:
+        check_driver_address(address, source)
+        check_token(address)
         try:
-            ray.init(address=address)
-        except ConnectionError as e:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, AuthenticationError) as e:
             raise ConfigError(f"cannot connect to the Ray cluster at {address}: {last_line(str(e))}") from None
-        return
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    # address="local": never silently join another user's `ray start` cluster on this machine.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    else:
+        pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+        # address="local": never silently join another user's `ray start` cluster on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    logging.getLogger("ray").setLevel(logging.INFO)
 
 
 def fuse_size(args: argparse.Namespace) -> int:

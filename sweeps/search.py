@@ -481,18 +481,19 @@ def run_search(spec: SearchSpec, args: argparse.Namespace) -> int:
     with sweep_folder.SweepLease.acquire(folder, args.name):  # one driver per search, on any machine
         sweep_folder.check_tune_state(folder, restartable=False)
         mlflow = tracking.client(uri)
-        experiment_id = tracking.open_experiment(mlflow, args.experiment)  # a bad experiment: before Ray
-        started = check_manifest(folder, spec, uri, args.experiment)
-        return _run_search(spec, args, uri, mlflow, experiment_id, folder, started)
+        tracking.check_experiment(mlflow, args.experiment)  # a deleted experiment: before Ray
+        started = check_manifest(folder, spec, uri, args.experiment, write=False)
+        return _run_search(spec, args, uri, mlflow, folder, started)
 
 
-def _run_search(spec: SearchSpec, args: argparse.Namespace, uri: str, mlflow, experiment_id: str, folder: str,
-                started: bool) -> int:
+def _run_search(spec: SearchSpec, args: argparse.Namespace, uri: str, mlflow, folder: str, started: bool) -> int:
     from sweeps.cluster_checks import check_cluster
     from sweeps.launch import init_ray, terminate_as_interrupt, ui_hint
 
     init_ray(args.address)
     check_cluster([spec.base], uri, args.storage, args.storage_is_shared)  # before any run
+    check_manifest(folder, spec, uri, args.experiment)  # a search refused above leaves no folder behind
+    experiment_id = tracking.open_experiment(mlflow, args.experiment)
     parent = tracking.find_or_create_parent(mlflow, experiment_id, args.name, spec.describe())
     ctx = tracking.TrackingContext(uri, experiment_id, args.name, parent, tags=(SEARCH_TAG,),
                                    patience=getattr(args, "tracking_patience", tracking.PATIENCE))

@@ -203,15 +203,21 @@ def end_running(mlflow: "MlflowClient", experiment_id: str, sweep: str, status: 
     return len(runs)
 
 
+def check_experiment(mlflow: "MlflowClient", name: str) -> None:
+    """Refuse an experiment that was deleted (in the UI, say) before anything is created."""
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage != "active":
+        raise TrackingError(f"MLflow experiment {name!r} is deleted: restore it or pick another --experiment")
+
+
 def open_experiment(mlflow: "MlflowClient", name: str) -> str:
     """The experiment's id, created if needed (artifacts beside a sqlite store, never in the cwd) and
     tagged as model training; an existing experiment without a kind gets that tag too."""
     from mlflow.exceptions import MlflowException
 
+    check_experiment(mlflow, name)
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
-        if exp.lifecycle_stage != "active":
-            raise TrackingError(f"MLflow experiment {name!r} is deleted: restore it or pick another --experiment")
         if KIND_TAG not in exp.tags:  # made by an earlier version, or by hand: a kind a user set stays
             mlflow.set_experiment_tag(exp.experiment_id, KIND_TAG, TRAINING_KIND)
         return exp.experiment_id
