@@ -7,6 +7,8 @@
   trials   trials ranked by an objective (e.g. an Optuna search: --search optuna)
   report   one self-contained HTML page of the study (--out DIR: DIR/index.html)
 
+Without ``--sweep``, top3, compare and report pool every sweep of the experiment and, when there is more
+than one, say so on stderr: ``pooled 2 sweeps: demo (6 runs), paper (250 runs); pass --sweep NAME for one``.
 Bad input (unknown experiment or metric, no runs) prints one ``error: ...`` line and exits with 2.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pandas as pd
 from analysis.errors import AnalysisError
 from analysis.figures import write_figures, write_stage_figure
 from analysis.report import write_report
-from analysis.runs import export_parquet, load_runs, select_sweep, stage_information
+from analysis.runs import export_parquet, load_runs, stage_information, sweep_counts
 from analysis.topk import METRICS, compare, rank_trials, top_k, verdict, wide
 from provlae.errors import ProvlaeError
 
@@ -99,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_top3(args: argparse.Namespace) -> None:
-    top = top_k(select_sweep(load_runs(args.experiment, args.tracking_uri), args.sweep), k=args.k,
-                rank_by=args.rank_by)
+    runs = load_runs(args.experiment, args.tracking_uri, sweep=args.sweep)
+    top = top_k(runs, k=args.k, rank_by=args.rank_by)
+    say_pooled(runs, args.sweep)
     if args.format == "csv":
         top.assign(seeds=top["seeds"].map(lambda s: ";".join(map(str, s)))).to_csv(sys.stdout, index=False)
     elif args.format == "json":
@@ -109,6 +112,14 @@ def cmd_top3(args: argparse.Namespace) -> None:
         ranked = f"ranked by {args.rank_by}" if args.rank_by else "each metric ranked by itself"
         print(f"{args.experiment}: mean ± std of the top {args.k} seeds per cell ({ranked})")
         print(_table(top).to_string(index=False))
+
+
+def say_pooled(runs: pd.DataFrame, sweep: str | None) -> None:
+    """One stderr line naming the sweeps pooled, when no --sweep picked one and there are several."""
+    counts = sweep_counts(runs)
+    if sweep is None and len(counts) > 1:
+        parts = [f"{name or '(no sweep tag)'} ({n} run{'s' * (n != 1)})" for name, n in counts.items()]
+        print(f"pooled {len(counts)} sweeps: {', '.join(parts)}; pass --sweep NAME for one", file=sys.stderr)
 
 
 def _table(top: pd.DataFrame) -> pd.DataFrame:
@@ -148,14 +159,17 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    top = top_k(select_sweep(load_runs(args.experiment, args.tracking_uri), args.sweep), k=args.k,
-                rank_by=args.rank_by)
-    print(verdict(compare(top), k=args.k))
+    runs = load_runs(args.experiment, args.tracking_uri, sweep=args.sweep)
+    text = verdict(compare(top_k(runs, k=args.k, rank_by=args.rank_by)), k=args.k)
+    say_pooled(runs, args.sweep)
+    print(text)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     path = write_report(args.experiment, args.out, tracking_uri=args.tracking_uri, sweep=args.sweep, k=args.k,
                         rank_by=args.rank_by, best_by=args.best_by, ui_url=args.ui_url)
+    if args.sweep is None:  # the runs the report pooled: every trial run, any status
+        say_pooled(load_runs(args.experiment, args.tracking_uri, include_failed=True), None)
     print(f"Report: {path}")
 
 

@@ -2,7 +2,8 @@
 
 The sweep logs one parent run per sweep and one child run per trial. MLflow hands params back as
 strings; here they are cast to the types ``TrialConfig`` declares (``"None"`` becomes None). Metrics
-are the latest value of each key, which is the final evaluation.
+are the latest value of each key, which is the final evaluation. A trial that a store holds more than
+once (a create retried by an older sweep) is one row (``unique_trials``).
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from provlae.paths import default_tracking_uri
 
 ROLE_TAG = "provlae.role"
 PARENT_TAG = "mlflow.parentRunId"
-FIRST_COLUMNS = ("run_id", "run_name", "status", "start_time", "end_time",
+KEY_TAG = "provlae.trial_key"  # names one trial of one sweep (sweeps/tracking.py)
+SWEEP_TAG = "sweep"
+FIRST_COLUMNS = ("run_id", "run_name", "sweep", "status", "start_time", "end_time",
                  "family", "dataset", "beta", "seed")
 PAGE_SIZE = 1000
 PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
@@ -50,12 +53,16 @@ def client_for(tracking_uri: str | None = None) -> tuple[MlflowClient, str]:
     return MlflowClient(tracking_uri=uri), uri
 
 
-def load_runs(experiment: str, tracking_uri: str | None = None, include_failed: bool = False) -> pd.DataFrame:
-    """One row per trial run of ``experiment``: ids, status, start/end time, typed params, final metrics.
+def load_runs(experiment: str, tracking_uri: str | None = None, include_failed: bool = False,
+              sweep: str | None = None) -> pd.DataFrame:
+    """One row per trial run of ``experiment``: ids, sweep, status, start/end time, typed params, final metrics.
 
     Parent (sweep) runs are left out: those tagged ``provlae.role=sweep`` and any run that is the
-    parent of another. Only FINISHED runs unless ``include_failed`` (then every status, and the
-    ``error`` tag of failed ones). ``df.attrs`` names the experiment, URI, param and metric columns.
+    parent of another. Each trial counts once, however many runs the store holds of it
+    (``unique_trials``). ``sweep``: only that sweep's runs (column ``sweep``, None where untagged);
+    without it every sweep of the experiment is pooled. Only FINISHED runs unless ``include_failed``
+    (then every status, and the ``error`` tag of failed ones). ``df.attrs`` names the experiment, URI,
+    param and metric columns.
     """
     client, uri = client_for(tracking_uri)
     try:
@@ -67,24 +74,73 @@ def load_runs(experiment: str, tracking_uri: str | None = None, include_failed: 
     trials = [r for r in runs if r.data.tags.get(ROLE_TAG) != "sweep" and r.info.run_id not in parents]
     if not trials:
         raise AnalysisError(f"experiment {experiment!r} has no trial runs")
+    trials = unique_trials(trials)
+    where = f"experiment {experiment!r}"
+    if sweep is not None:
+        check_sweep(experiment, {r.data.tags.get(SWEEP_TAG) for r in trials}, sweep)
+        trials = [r for r in trials if r.data.tags.get(SWEEP_TAG) == sweep]
+        where = f"sweep {sweep!r} of {where}"
     kept = trials if include_failed else [r for r in trials if r.info.status == "FINISHED"]
     if not kept:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r.info.status for r in trials).items()))
-        raise AnalysisError(f"experiment {experiment!r} has no FINISHED trial runs ({counts})")
+        raise AnalysisError(f"{where} has no FINISHED trial runs ({counts})")
     frame = _frame(kept)
     frame.attrs.update(experiment=experiment, experiment_id=exp_id, tracking_uri=uri)
     return frame
+
+
+def unique_trials(runs: list) -> list:
+    """One run per trial, in the order given.
+
+    A trial is its ``provlae.trial_key`` tag; a run without one (logged before the tag existed) is its
+    (sweep, run name), the sweep being its ``sweep`` tag or else its parent run; a run with neither is a
+    trial of its own. Of a trial's runs the one counted is the one its sweep keeps and resumes into
+    (sweeps/tracking.py ``keep_one``): FINISHED first, then one holding metrics, then one holding params,
+    then the earliest start, then the smaller run id. So a FAILED or never-ended copy never hides a
+    FINISHED one, and of two FINISHED copies the first one logged counts, the one the sweep's own links
+    and summaries name.
+    """
+    best: dict[tuple, object] = {}
+    for run in runs:
+        key = _trial_identity(run)
+        if key not in best or _preference(run) < _preference(best[key]):
+            best[key] = run
+    chosen = {id(run) for run in best.values()}
+    return [run for run in runs if id(run) in chosen]
+
+
+def _trial_identity(run) -> tuple:
+    tags, name = run.data.tags, run.info.run_name or run.data.tags.get("mlflow.runName")
+    if tags.get(KEY_TAG):
+        return ("key", tags[KEY_TAG])
+    group = tags.get(SWEEP_TAG) or tags.get(PARENT_TAG)
+    return ("name", group, name) if group and name else ("run", run.info.run_id)
+
+
+def _preference(run) -> tuple:
+    info, data = run.info, run.data
+    return info.status != "FINISHED", not data.metrics, not data.params, info.start_time or 0, info.run_id
+
+
+def check_sweep(experiment: str, names: set, sweep: str) -> None:
+    """AnalysisError naming the sweeps there unless ``sweep`` is one of ``names`` (None: untagged runs)."""
+    if sweep not in names:
+        known = ", ".join(sorted(n for n in names if n is not None)) or "none tagged"
+        raise AnalysisError(f"experiment {experiment!r} has no runs of sweep {sweep!r} (sweeps: {known})")
 
 
 def select_sweep(trials: pd.DataFrame, sweep: str | None) -> pd.DataFrame:
     """Only ``sweep``'s rows of ``load_runs`` (all rows when None); AnalysisError naming the sweeps there."""
     if sweep is None:
         return trials
-    names = sorted({s for s in trials.get("sweep", pd.Series(dtype=object)).dropna()})
-    if sweep not in names:
-        raise AnalysisError(f"experiment {trials.attrs.get('experiment')!r} has no runs of sweep {sweep!r} "
-                            f"(sweeps: {', '.join(names) or 'none tagged'})")
+    check_sweep(trials.attrs.get("experiment"), set(trials.get("sweep", pd.Series(dtype=object)).dropna()), sweep)
     return trials[trials["sweep"] == sweep]
+
+
+def sweep_counts(trials: pd.DataFrame) -> dict[str | None, int]:
+    """Rows of a ``load_runs`` frame per sweep, sweeps by name, untagged runs (key None) last."""
+    counts = Counter(None if _missing(s) else s for s in trials.get("sweep", pd.Series([None] * len(trials))))
+    return dict(sorted(counts.items(), key=lambda item: (item[0] is None, item[0] or "")))
 
 
 def load_sweeps(experiment: str, tracking_uri: str | None = None) -> pd.DataFrame:
@@ -215,7 +271,7 @@ def _frame(runs: list) -> pd.DataFrame:
 def _row(run, tags: list[str]) -> dict:
     info, data = run.info, run.data
     name = info.run_name or data.tags.get("mlflow.runName")
-    row = {key: data.tags.get(key) for key in ("family", "dataset")}  # params override these below
+    row = {key: data.tags.get(key) for key in ("family", "dataset", SWEEP_TAG)}  # params override these below
     row.update({key: data.tags.get(key) for key in tags})
     row.update({key: cast_param(name, key, text) for key, text in data.params.items()})
     row.update(run_id=info.run_id, run_name=name, status=info.status,

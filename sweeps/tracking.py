@@ -13,8 +13,11 @@
 
 Exactly one run per trial: the trial itself (in its Ray worker) finds its run by a deterministic key
 (tag ``provlae.trial_key``: sweep name + resolved config) or creates it, so retries, worker deaths and
-sweep restores all land in the same run. No metric step is logged twice: a resumed trial replays the
-same events bitwise, so steps at or below the last step already stored for a metric are skipped.
+sweep restores all land in the same run. A create that MLflow's client retried (a 5xx or a timeout after
+the server had committed it) leaves a second run: after each create the runs of that key (or that sweep's
+parent) are read back and one is kept, the others deleted (``keep_one``). No metric step is logged
+twice: a resumed trial replays the same events bitwise, so steps at or below the last step already stored
+for a metric are skipped.
 """
 from __future__ import annotations
 
@@ -53,6 +56,8 @@ RETRY_EVERY = 5.0  # seconds between a trial's tries of a call while the server 
 # Inside a trial, MLflow's own retries are kept short, so the patience above is what bounds a wait (its
 # defaults, 7 retries with backoff factor 2, take about four minutes per call). The user's settings win.
 TRIAL_CLIENT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+DUPLICATE_TAG = "provlae.duplicate_of"  # on a deleted duplicate run: the run kept in its place
+MAX_CANDIDATES = 100  # runs read back for one trial key or one sweep's parent
 
 
 class TrackingError(ProvlaeError):
@@ -237,15 +242,15 @@ def open_experiment(mlflow: "MlflowClient", name: str) -> str:
 def find_or_create_parent(mlflow: "MlflowClient", experiment_id: str, sweep: str,
                           params: dict[str, Any]) -> str:
     """The sweep's parent run (created once; set RUNNING again when the sweep resumes)."""
-    runs = mlflow.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = 'sweep' and tags.sweep = '{sweep}'",
-                              order_by=["attributes.start_time ASC"], max_results=1)
-    if runs:
-        run = runs[0]
-        if run.info.status != "RUNNING":
-            mlflow.update_run(run.info.run_id, status="RUNNING")
-        return run.info.run_id
-    run = mlflow.create_run(experiment_id, run_name=sweep, tags={ROLE_TAG: "sweep", "sweep": sweep})
-    _log_params(mlflow, run.info.run_id, params)
+    where = f"tags.`{ROLE_TAG}` = 'sweep' and tags.sweep = '{sweep}'"
+    run = keep_one(mlflow, experiment_id, where)
+    if run is None:  # a retried create may have made two: keep one
+        created = mlflow.create_run(experiment_id, run_name=sweep, tags={ROLE_TAG: "sweep", "sweep": sweep})
+        run = keep_one(mlflow, experiment_id, where) or created
+    if not run.data.params:  # a fresh run, or one whose driver died before describing it
+        _log_params(mlflow, run.info.run_id, params)
+    if run.info.status != "RUNNING":
+        mlflow.update_run(run.info.run_id, status="RUNNING")
     return run.info.run_id
 
 
@@ -274,9 +279,46 @@ class TrackingContext:
 
 
 def find_trial_run(mlflow: "MlflowClient", experiment_id: str, key: str):
-    runs = mlflow.search_runs([experiment_id], f"tags.`{KEY_TAG}` = '{key}'",
-                              order_by=["attributes.start_time ASC"], max_results=1)
-    return runs[0] if runs else None
+    """The run of trial ``key``, or None. Where a store holds duplicates (a retried create, before
+    ``keep_one`` existed), the one ``keep_one`` would keep: FINISHED, else holding metrics, else the earliest."""
+    runs = mlflow.search_runs([experiment_id], _key_filter(key), max_results=MAX_CANDIDATES)
+    return min(runs, key=_preference, default=None)
+
+
+def _key_filter(key: str) -> str:
+    return f"tags.`{KEY_TAG}` = '{key}'"
+
+
+def keep_one(mlflow: "MlflowClient", experiment_id: str, where: str):
+    """The one active run matching ``where`` (a trial key, or a sweep's parent tags), or None.
+
+    MLflow's client retries ``runs/create`` on a 5xx or a timeout, so a create the server had already
+    committed leaves a second run. Of several matches, one is kept (``_preference``); each other that
+    holds no metrics (a ghost) is tagged ``provlae.duplicate_of=<kept run id>`` and deleted. Two that both
+    hold metrics are both left, and only the kept one is ever logged into. Concurrent creators agree on
+    the run they keep, and deleting twice is harmless."""
+    from mlflow.exceptions import MlflowException
+
+    runs = sorted(mlflow.search_runs([experiment_id], where, max_results=MAX_CANDIDATES), key=_preference)
+    if not runs:
+        return None
+    kept = runs[0]
+    for ghost in (run for run in runs[1:] if not run.data.metrics):
+        try:
+            mlflow.set_tag(ghost.info.run_id, DUPLICATE_TAG, kept.info.run_id)
+            mlflow.delete_run(ghost.info.run_id)
+        except MlflowException:  # deleted meanwhile by a concurrent creator
+            pass
+    return kept
+
+
+def _preference(run) -> tuple:
+    """Sort key of the runs of one trial (or one sweep's parents), the record first: FINISHED, then one
+    holding metrics, then one described (params), then the earliest start, then the smaller run id.
+    A retried create's ghost starts at the same time as the run the client got (the client sends the
+    start time, and the retry resends it): among fresh runs the run id decides, for every creator alike."""
+    info, data = run.info, run.data
+    return info.status != "FINISHED", not data.metrics, not data.params, info.start_time or 0, info.run_id
 
 
 def data_tags(cfg: TrialConfig) -> dict[str, str]:
@@ -304,21 +346,19 @@ class TrialRun:
     def open(cls, ctx: TrackingContext, cfg: TrialConfig, trial_id: str) -> "TrialRun":
         mlflow = patient_client(ctx.tracking_uri, ctx.patience)
         key = ctx.trial_key(cfg, trial_id)
-        found = find_trial_run(mlflow, ctx.experiment_id, key)
-        if found is None:
+        found = keep_one(mlflow, ctx.experiment_id, _key_filter(key))
+        if found is None:  # a retried create may have made two: keep one
             tags = {**dict(ctx.tags), PARENT_TAG: ctx.parent_run_id, ROLE_TAG: "trial", KEY_TAG: key,
                     "family": cfg.family, "dataset": cfg.dataset, "sweep": ctx.sweep,
                     "ray_trial_id": trial_id, HARDWARE_TAG: hardware(cfg.device), **ray_node_tags(),
                     **data_tags(cfg)}
-            run = mlflow.create_run(ctx.experiment_id, run_name=cfg.run_name, tags=tags)
-            trial = cls(mlflow, run.info.run_id, "RUNNING")
-            trial._describe(cfg)
-            return trial
+            created = mlflow.create_run(ctx.experiment_id, run_name=cfg.run_name, tags=tags)
+            found = keep_one(mlflow, ctx.experiment_id, _key_filter(key)) or created
         trial = cls(mlflow, found.info.run_id, found.info.status,
                     previous_error=found.data.tags.get(ERROR_TAG, ""))
         if found.info.status == "FINISHED":
             return trial
-        if not found.data.params:  # died between creating the run and describing it
+        if not found.data.params:  # a fresh run, or one whose attempt died before describing it
             trial._describe(cfg)
         _set_tags(mlflow, trial.run_id, {"ray_trial_id": trial_id, HARDWARE_TAG: hardware(cfg.device),
                                          **ray_node_tags()})  # where this attempt runs

@@ -57,11 +57,12 @@ def config_params(dataset: str, family: str, beta: float, seed: int) -> dict[str
             "factor_train_votes": "100", "factor_eval_votes": "50", "include_shape": "False", "note": "x"}
 
 
-def log_trial(client, exp_id, parent, cell, seed, finals, status="FINISHED", extra_tags=None, stages=False):
+def log_trial(client, exp_id, parent, cell, seed, finals, status="FINISHED", extra_tags=None, stages=False,
+              start=None):
     dataset, family, beta = cell
     tags = {"mlflow.parentRunId": parent, "provlae.role": "trial", "family": family, "dataset": dataset,
             "sweep": "grid", "ray_trial_id": f"t{seed}", **(extra_tags or {})}
-    run = client.create_run(exp_id, run_name=f"{family}-{dataset}-b{beta:g}-s{seed}", tags=tags)
+    run = client.create_run(exp_id, run_name=f"{family}-{dataset}-b{beta:g}-s{seed}", tags=tags, start_time=start)
     t0 = 1_700_000_000_000
     metrics = [Metric(k, -1.0, t0, 100) for k in finals]  # an earlier stage-end value: must not win
     metrics += [Metric(k, v, t0 + 10, 300) for k, v in finals.items()]
@@ -311,3 +312,81 @@ def test_top3_and_compare_read_one_sweep_with_sweep(tmp_path, capsys):
     assert main(["compare", "--experiment", "shared", "--tracking-uri", uri, "--sweep", "gone"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: experiment 'shared' has no runs of sweep 'gone' (sweeps: new, old)"
+
+
+def test_a_trial_logged_twice_counts_once(tmp_path, capsys):
+    """A store holding copies of one trial (by its trial key, or for older runs by sweep and run name):
+    the top-k table counts each trial once, with the numbers of the copy the sweep keeps (the earliest
+    FINISHED one); a FAILED copy or a never-ended ghost never stands in for it."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("dups")
+    cell, t0 = ("dsprites", "pro_vlae", 4.0), 1_700_000_000_000
+    parent = client.create_run(exp_id, run_name="demo", tags={"provlae.role": "sweep", "sweep": "demo"})
+    values = {0: 0.21, 1: 0.35, 2: 0.12, 3: 0.28, 4: 0.05}  # mig of each seed's kept run
+    demo = {"sweep": "demo"}
+    for seed, mig in values.items():
+        key = {"provlae.trial_key": f"key{seed}"} if seed < 4 else {}  # seed 4: an older run, no key
+        log_trial(client, exp_id, parent.info.run_id, cell, seed, {"mig": mig, "recon_error": 90.0 + seed},
+                  extra_tags={**demo, **key}, start=t0 + seed)
+    copies = [(0, {"provlae.trial_key": "key0"}, "FINISHED", 0.99),  # a later FINISHED copy
+              (1, {"provlae.trial_key": "key1"}, "FAILED", 0.98),  # a failed copy
+              (4, {}, "FINISHED", 0.97)]  # an older run logged twice under one name in one sweep
+    for seed, key, status, mig in copies:
+        log_trial(client, exp_id, parent.info.run_id, cell, seed, {"mig": mig, "recon_error": 1.0},
+                  status=status, extra_tags={**demo, **key}, start=t0 + 100 + seed)
+    ghost = client.create_run(exp_id, run_name="pro_vlae-dsprites-b4-s2", start_time=t0 - 1,
+                              tags={**demo, "provlae.role": "trial", "provlae.trial_key": "key2",
+                                    "mlflow.parentRunId": parent.info.run_id})  # RUNNING, nothing logged
+    other = client.create_run(exp_id, run_name="paper", tags={"provlae.role": "sweep", "sweep": "paper"})
+    log_trial(client, exp_id, other.info.run_id, cell, 0, {"mig": 0.5, "recon_error": 50.0},
+              extra_tags={"sweep": "paper", "provlae.trial_key": "paper0"})
+
+    df = analysis.load_runs("dups", tracking_uri=uri, sweep="demo")
+    assert list(df.columns[:3]) == ["run_id", "run_name", "sweep"] and set(df["sweep"]) == {"demo"}
+    assert sorted(df["seed"]) == sorted(values) and dict(zip(df["seed"], df["mig"])) == values
+    everything = analysis.load_runs("dups", tracking_uri=uri, include_failed=True, sweep="demo")
+    assert len(everything) == len(values) and ghost.info.run_id not in set(everything["run_id"])
+    assert analysis.sweep_counts(analysis.load_runs("dups", tracking_uri=uri)) == {"demo": 5, "paper": 1}
+
+    assert main(["top3", "--experiment", "dups", "--tracking-uri", uri, "--sweep", "demo", "--format", "json"]) == 0
+    top = {r["metric"]: r for r in json.loads(capsys.readouterr().out)}
+    best3 = sorted(values.values(), reverse=True)[:3]  # 0.35, 0.28, 0.21
+    assert top["mig"]["n_runs"] == 5 and top["mig"]["seeds"] == [1, 3, 0]
+    assert top["mig"]["top_k_mean"] == pytest.approx(statistics.mean(best3), rel=1e-12)
+    assert top["mig"]["top_k_std"] == pytest.approx(statistics.stdev(best3), rel=1e-9)
+    assert top["recon_error"]["top_k_mean"] == pytest.approx(statistics.mean([90.0, 91.0, 92.0]), rel=1e-12)
+
+    with pytest.raises(analysis.AnalysisError, match=r"no runs of sweep 'gone' \(sweeps: demo, paper\)"):
+        analysis.load_runs("dups", tracking_uri=uri, sweep="gone")
+
+
+def test_cli_names_the_sweeps_it_pools(tmp_path, capsys):
+    """Without --sweep, top3, compare and report say on stderr which sweeps they pooled (the numbers on stdout stay
+    parseable); with --sweep, or with one sweep only, they say nothing."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("pooled")
+    cell = ("dsprites", "vlae", 1.0)
+    sizes = {"demo": 2, "paper": 3}
+    for sweep, n in sizes.items():
+        parent = client.create_run(exp_id, run_name=sweep, tags={"provlae.role": "sweep", "sweep": sweep})
+        for seed in range(n):
+            log_trial(client, exp_id, parent.info.run_id, cell, seed, {"mig": 0.1 * (seed + 1)},
+                      extra_tags={"sweep": sweep, "provlae.trial_key": f"{sweep}{seed}"})
+    untagged = client.create_run(exp_id, run_name="old")  # a run of before the sweep tag, its own trial
+    client.log_batch(untagged.info.run_id, metrics=[Metric("mig", 0.4, 0, 1)],
+                     params=[Param(k, v) for k, v in config_params(*cell, 7).items()])
+    client.set_terminated(untagged.info.run_id)
+
+    pooled = cli("top3", "--experiment", "pooled", "--tracking-uri", uri, "--format", "json")
+    assert pooled.returncode == 0, pooled.stderr
+    assert pooled.stderr.strip().splitlines() == [
+        "pooled 3 sweeps: demo (2 runs), paper (3 runs), (no sweep tag) (1 run); pass --sweep NAME for one"]
+    assert [r["n_runs"] for r in json.loads(pooled.stdout) if r["metric"] == "mig"] == [6]
+    for args in (["compare"], ["report", "--out", str(tmp_path / "report")]):
+        assert main([*args, "--experiment", "pooled", "--tracking-uri", uri]) == 0
+        assert capsys.readouterr().err.startswith("pooled 3 sweeps: demo (2 runs), "), args
+    one = cli("top3", "--experiment", "pooled", "--tracking-uri", uri, "--sweep", "paper", "--format", "json")
+    assert one.returncode == 0 and one.stderr == ""
+    assert [r["n_runs"] for r in json.loads(one.stdout) if r["metric"] == "mig"] == [3]
