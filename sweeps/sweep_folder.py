@@ -171,8 +171,8 @@ def _alive_here(lease: dict[str, Any]) -> bool | None:
 class SweepLease:
     """The lease of one sweep folder, held by this driver from ``acquire`` to ``release``."""
 
-    def __init__(self, folder: str, sweep: str, created_folder: bool):
-        self.folder, self.sweep, self.created_folder = folder, sweep, created_folder
+    def __init__(self, folder: str, sweep: str, created: list[str]):
+        self.folder, self.sweep, self.created = folder, sweep, created
         self.owner = uuid.uuid4().hex
         self.record = {"owner": self.owner, "sweep": sweep, "host": socket.gethostname(), "machine": _machine(),
                        "pid": os.getpid(), "process_start": _process_start(os.getpid()),
@@ -188,8 +188,12 @@ class SweepLease:
         import pyarrow.fs
 
         fs, path = filesystem(folder)
+        created = []  # the folders the lease's file makes, deepest first (a new --storage too)
         try:
-            created = fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound
+            at = path.rstrip("/")
+            while at and fs.get_file_info(at).type == pyarrow.fs.FileType.NotFound:
+                created.append(at)
+                at = at.rsplit("/", 1)[0] if "/" in at.strip("/") else ""
         except OSError as e:
             raise ConfigError(f"cannot use --storage {folder}: {_first_line(e)}") from None
         try:
@@ -236,15 +240,16 @@ class SweepLease:
             return
         if now is not None and now.get("owner") == self.owner:
             remove(self.folder, LEASE)
-        if self.created_folder:  # a driver that stopped before its sweep began leaves no empty folder
-            import pyarrow.fs
+        import pyarrow.fs
 
-            fs, path = filesystem(self.folder)
+        fs, _ = filesystem(self.folder)
+        for path in self.created:  # a driver that stopped before its sweep began leaves no empty folder
             try:
-                if not fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)):
-                    fs.delete_dir(path)
+                if fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)):
+                    return
+                fs.delete_dir(path)
             except OSError:
-                pass
+                return
 
     def __enter__(self) -> "SweepLease":
         return self
