@@ -103,7 +103,7 @@ def unique_trials(runs: list) -> list:
     best: dict[tuple, object] = {}
     for run in runs:
         key = _trial_identity(run)
-        if key not in best or _preference(run) < _preference(best[key]):
+        if key not in best or run_preference(run) < run_preference(best[key]):
             best[key] = run
     chosen = {id(run) for run in best.values()}
     return [run for run in runs if id(run) in chosen]
@@ -117,7 +117,12 @@ def _trial_identity(run) -> tuple:
     return ("name", group, name) if group and name else ("run", run.info.run_id)
 
 
-def _preference(run) -> tuple:
+def run_preference(run) -> tuple:
+    """Sort key of the runs of one trial (or of one sweep's parents), the record first: FINISHED, then one
+    holding metrics, then one described (params), then the earliest start, then the smaller run id. The
+    sweep keeps (sweeps/tracking.py ``keep_one``) and this package counts the same run. A retried create's
+    ghost starts at the same time as the run the client got (the client sends the start time, and the
+    retry resends it): among fresh runs the run id decides, for every creator alike."""
     info, data = run.info, run.data
     return info.status != "FINISHED", not data.metrics, not data.params, info.start_time or 0, info.run_id
 

@@ -198,7 +198,7 @@ def check_manifest(folder: str, spec: SearchSpec, tracking_uri: str, experiment:
     mine = json.loads(json.dumps(spec.manifest()))
     before = sweep_folder.read_json(folder, MANIFEST)
     if before is not None:
-        store = {k: before.pop(k) for k in list(sweep_folder.store_fields("", "")) if k in before}
+        store = {k: before.pop(k) for k in sweep_folder.STORE_FIELDS if k in before}
         differ = sorted(k for k in set(mine) | set(before) if mine.get(k) != before.get(k))
         if differ:
             raise ConfigError(f"sweep folder {folder} holds a different search (differs in: {', '.join(differ)}):"

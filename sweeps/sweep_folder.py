@@ -92,7 +92,7 @@ def remove(folder: str, name: str) -> None:
     fs, path = filesystem(folder)
     try:
         fs.delete_file(f"{path}/{name}")
-    except (OSError, FileNotFoundError):
+    except OSError:  # gone already
         pass
 
 
@@ -118,8 +118,11 @@ def check_store(folder: str, saved: dict[str, Any], tracking_uri: str, experimen
                           f"its --experiment and --tracking-uri to resume it, or pass --name for a new sweep")
 
 
+STORE_FIELDS = ("tracking_uri", "experiment")  # the MLflow store a manifest records
+
+
 def store_fields(tracking_uri: str, experiment: str) -> dict[str, str]:
-    return {"tracking_uri": tracking_uri, "experiment": experiment}
+    return dict(zip(STORE_FIELDS, (tracking_uri, experiment)))
 
 
 def display_uri(uri: str) -> str:

@@ -281,8 +281,10 @@ class TrackingContext:
 def find_trial_run(mlflow: "MlflowClient", experiment_id: str, key: str):
     """The run of trial ``key``, or None. Where a store holds duplicates (a retried create, before
     ``keep_one`` existed), the one ``keep_one`` would keep: FINISHED, else holding metrics, else the earliest."""
+    from analysis.runs import run_preference
+
     runs = mlflow.search_runs([experiment_id], _key_filter(key), max_results=MAX_CANDIDATES)
-    return min(runs, key=_preference, default=None)
+    return min(runs, key=run_preference, default=None)
 
 
 def _key_filter(key: str) -> str:
@@ -293,13 +295,15 @@ def keep_one(mlflow: "MlflowClient", experiment_id: str, where: str):
     """The one active run matching ``where`` (a trial key, or a sweep's parent tags), or None.
 
     MLflow's client retries ``runs/create`` on a 5xx or a timeout, so a create the server had already
-    committed leaves a second run. Of several matches, one is kept (``_preference``); each other that
+    committed leaves a second run. Of several matches, one is kept (``analysis.runs.run_preference``); each other that
     holds no metrics (a ghost) is tagged ``provlae.duplicate_of=<kept run id>`` and deleted. Two that both
     hold metrics are both left, and only the kept one is ever logged into. Concurrent creators agree on
     the run they keep, and deleting twice is harmless."""
     from mlflow.exceptions import MlflowException
 
-    runs = sorted(mlflow.search_runs([experiment_id], where, max_results=MAX_CANDIDATES), key=_preference)
+    from analysis.runs import run_preference  # the run this sweep keeps is the run the analysis counts
+
+    runs = sorted(mlflow.search_runs([experiment_id], where, max_results=MAX_CANDIDATES), key=run_preference)
     if not runs:
         return None
     kept = runs[0]
@@ -310,15 +314,6 @@ def keep_one(mlflow: "MlflowClient", experiment_id: str, where: str):
         except MlflowException:  # deleted meanwhile by a concurrent creator
             pass
     return kept
-
-
-def _preference(run) -> tuple:
-    """Sort key of the runs of one trial (or one sweep's parents), the record first: FINISHED, then one
-    holding metrics, then one described (params), then the earliest start, then the smaller run id.
-    A retried create's ghost starts at the same time as the run the client got (the client sends the
-    start time, and the retry resends it): among fresh runs the run id decides, for every creator alike."""
-    info, data = run.info, run.data
-    return info.status != "FINISHED", not data.metrics, not data.params, info.start_time or 0, info.run_id
 
 
 def data_tags(cfg: TrialConfig) -> dict[str, str]:
