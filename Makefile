@@ -1,13 +1,14 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - bootstrap .venv, then run the demo on the embedded default (local Ray, MLflow sqlite
 #                 under the user data directory, procedural data)
-#   make test   - bootstrap .venv, then run the test suite
+#   make test   - bootstrap .venv, then run the test suite (every test; its 15 slowest are listed)
+#   make test-fast - the tests that start no server, cluster or browser (minutes, for every change)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench-quick install clean-venv
+.PHONY: demo test test-fast bench-quick install clean-venv
 
 install: $(STAMP)
 
@@ -34,7 +35,10 @@ demo: $(STAMP)
 	print(*report_lines('demo', 'demo'), sep='\n')"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=15 -m "not slow"
 
 bench-quick: $(STAMP)
 	for b in benchmarks/*.py; do case $$b in */_*) continue;; esac; $(BIN)/python $$b --quick || exit 1; done

@@ -1,4 +1,7 @@
-"""Shared fixtures. The servers themselves live in tests/servers.py as plain context managers."""
+"""Shared fixtures. The servers themselves live in tests/servers.py as plain context managers.
+
+Every test that starts a server, a cluster or a browser is marked ``slow`` (by its fixtures here, or by
+hand): ``make test-fast`` runs the others (``-m "not slow"``), ``make test`` runs all."""
 from __future__ import annotations
 
 import os
@@ -8,10 +11,23 @@ import pytest
 import servers  # tests/ is on sys.path (pytest's rootdir conftest)
 
 
+# Fixtures that start a Ray node, an MLflow server or the local service: a test using one is ``slow``.
+SERVER_FIXTURES = frozenset({"mlflow_server", "ray_head", "local_ray", "service", "head", "cluster",
+                             "auth_server"})
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def provlae_home(tmp_path_factory) -> Path:
-    """One PROVLAE_HOME for the session, so generated datasets are cached once."""
-    home = tmp_path_factory.getbasetemp() / "home"
+    """One PROVLAE_HOME for the session, so generated datasets are cached once: with parallel workers
+    (``-n``) one for all of them (the cache's files are written whole, then moved into place)."""
+    base = tmp_path_factory.getbasetemp()
+    home = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "home"
     home.mkdir(exist_ok=True)
     return home
 

@@ -118,7 +118,7 @@ def mlflow_server(folder: Path, timeout: float = 90.0, admin_password: str | Non
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
            "--default-artifact-root", str(folder / "artifacts")]
-    env = dict(os.environ)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # as cluster/local.sh: no job runners
     if admin_password is not None:
         ini = folder / "basic_auth.ini"
         ini.write_text("[mlflow]\ndefault_permission = READ\n"

@@ -396,6 +396,7 @@ def test_cli_writes_the_report_and_bad_input_is_one_line(store, tmp_path, capsys
         assert not bad.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cli"]
 
 
+@pytest.mark.slow  # a real Chromium
 def test_the_page_renders_in_a_headless_browser(store, tmp_path):
     """Chromium loads the page from disk: its tables are there, every image decodes (naturalWidth > 0).
     A copy with one image damaged shows that the check sees a broken image."""
