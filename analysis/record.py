@@ -24,7 +24,8 @@ from provlae.errors import ConfigError
 
 # ------------------------------------------------------------------------------------------- tags
 
-ROLE_TAG = "provlae.role"  # "sweep" on a sweep's parent run, "trial" on a trial's run
+ROLE_TAG = "provlae.role"  # SWEEP_ROLE on a sweep's parent run, TRIAL_ROLE on a trial's run
+SWEEP_ROLE, TRIAL_ROLE = "sweep", "trial"
 KEY_TAG = "provlae.trial_key"  # names one trial of one sweep (trial_key)
 SWEEP_TAG = "sweep"  # the sweep's name, on its parent run and on each of its trials' runs
 PARENT_TAG = "mlflow.parentRunId"

@@ -20,7 +20,7 @@ from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
 from analysis.errors import AnalysisError
-from analysis.record import PARENT_TAG, ROLE_TAG, SWEEP_TAG, cast_param, guess, unique_trials
+from analysis.record import PARENT_TAG, ROLE_TAG, SWEEP_ROLE, SWEEP_TAG, cast_param, guess, unique_trials
 from provlae.paths import default_tracking_uri
 from provlae.text import first_line
 
@@ -65,7 +65,7 @@ def load_runs(experiment: str, tracking_uri: str | None = None, include_failed: 
     except MlflowException as e:
         raise AnalysisError(f"cannot read MLflow at {uri}: {first_line(e.message, NO_MESSAGE)}") from None
     parents = {r.data.tags.get(PARENT_TAG) for r in runs}
-    trials = [r for r in runs if r.data.tags.get(ROLE_TAG) != "sweep" and r.info.run_id not in parents]
+    trials = [r for r in runs if r.data.tags.get(ROLE_TAG) != SWEEP_ROLE and r.info.run_id not in parents]
     if not trials:
         raise AnalysisError(f"experiment {experiment!r} has no trial runs")
     trials = unique_trials(trials)
@@ -111,10 +111,10 @@ def load_sweeps(experiment: str, tracking_uri: str | None = None) -> pd.DataFram
     client, uri = client_for(tracking_uri)
     try:
         exp_id = _experiment_id(client, experiment, uri)
-        runs = _search_all(client, exp_id, f"tags.`{ROLE_TAG}` = 'sweep'")
+        runs = _search_all(client, exp_id, f"tags.`{ROLE_TAG}` = '{SWEEP_ROLE}'")
     except MlflowException as e:
         raise AnalysisError(f"cannot read MLflow at {uri}: {first_line(e.message, NO_MESSAGE)}") from None
-    rows = [{"run_id": r.info.run_id, "sweep": r.data.tags.get("sweep") or r.info.run_name,
+    rows = [{"run_id": r.info.run_id, "sweep": r.data.tags.get(SWEEP_TAG) or r.info.run_name,
              "status": r.info.status, "start_time": r.info.start_time, "end_time": r.info.end_time,
              **{k: guess(v) for k, v in r.data.params.items()}} for r in runs]
     empty = ["run_id", "sweep", "status", "start_time", "end_time"]
