@@ -35,6 +35,7 @@ from provlae.evaluate import batches_to_float, disentanglement, encode
 from provlae.figures import information_per_stage, model_figures, stage_figures
 from provlae.models import LadderVAE, build_family
 from provlae.models.ladder import check_image_shape
+from provlae.text import first_line
 
 CHECKPOINT_VERSION = 2  # 2: only tensors and plain values (loaded with weights_only=True); 1: numpy RNG state
 READABLE_VERSIONS = (1, 2)
@@ -147,9 +148,8 @@ def read_checkpoint(path: str | Path, device) -> dict:
         with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
             return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} holds more than tensors and plain values: refused without "
-                          f"running it ({first[:200]})") from None
+                              f"running it ({first_line(e, type(e).__name__, limit=200)})") from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): "
                           f"{type(e).__name__}: {str(e)[:200]}") from None
