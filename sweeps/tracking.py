@@ -37,7 +37,10 @@ from analysis.record import (
     PARENT_TAG,
     RESUMED_TAG,
     ROLE_TAG,
+    SWEEP_ROLE,
+    SWEEP_TAG,
     TRAINING_KIND,
+    TRIAL_ROLE,
     run_preference,
 )
 from provlae.config import TrialConfig
@@ -67,7 +70,7 @@ def end_running(mlflow: "MlflowClient", experiment_id: str, sweep: str, status: 
     """End every run of ``sweep`` still RUNNING (its parent included) with ``status``; how many. Called by
     the driver holding the sweep's lease, when no trial of it runs: after its Tuner returned unfinished
     (interrupted), and before it starts (runs a driver killed outright left RUNNING)."""
-    runs = mlflow.search_runs([experiment_id], f"tags.sweep = '{sweep}' and attributes.status = 'RUNNING'",
+    runs = mlflow.search_runs([experiment_id], f"tags.{SWEEP_TAG} = '{sweep}' and attributes.status = 'RUNNING'",
                               max_results=10000)
     for run in runs:
         mlflow.set_terminated(run.info.run_id, status)
@@ -108,10 +111,10 @@ def open_experiment(mlflow: "MlflowClient", name: str) -> str:
 def find_or_create_parent(mlflow: "MlflowClient", experiment_id: str, sweep: str,
                           params: dict[str, Any]) -> str:
     """The sweep's parent run (created once; set RUNNING again when the sweep resumes)."""
-    where = f"tags.`{ROLE_TAG}` = 'sweep' and tags.sweep = '{sweep}'"
+    where = f"tags.`{ROLE_TAG}` = '{SWEEP_ROLE}' and tags.{SWEEP_TAG} = '{sweep}'"
     run = keep_one(mlflow, experiment_id, where)
     if run is None:  # a retried create may have made two: keep one
-        created = mlflow.create_run(experiment_id, run_name=sweep, tags={ROLE_TAG: "sweep", "sweep": sweep})
+        created = mlflow.create_run(experiment_id, run_name=sweep, tags={ROLE_TAG: SWEEP_ROLE, SWEEP_TAG: sweep})
         run = keep_one(mlflow, experiment_id, where) or created
     if not run.data.params:  # a fresh run, or one whose driver died before describing it
         _log_params(mlflow, run.info.run_id, params)
@@ -206,8 +209,8 @@ class TrialRun:
         key = ctx.trial_key(cfg, trial_id)
         found = keep_one(mlflow, ctx.experiment_id, _key_filter(key))
         if found is None:  # a retried create may have made two: keep one
-            tags = {**dict(ctx.tags), PARENT_TAG: ctx.parent_run_id, ROLE_TAG: "trial", KEY_TAG: key,
-                    "family": cfg.family, "dataset": cfg.dataset, "sweep": ctx.sweep,
+            tags = {**dict(ctx.tags), PARENT_TAG: ctx.parent_run_id, ROLE_TAG: TRIAL_ROLE, KEY_TAG: key,
+                    "family": cfg.family, "dataset": cfg.dataset, SWEEP_TAG: ctx.sweep,
                     "ray_trial_id": trial_id, HARDWARE_TAG: hardware(cfg.device), **ray_node_tags(),
                     **data_tags(cfg)}
             created = mlflow.create_run(ctx.experiment_id, run_name=cfg.run_name, tags=tags)
