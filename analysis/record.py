@@ -1,4 +1,5 @@
-"""The MLflow record of a sweep, named once: what sweeps/ writes and analysis/ reads (docs/architecture.md §4).
+"""The MLflow record of a sweep, named once: what sweeps/ writes and analysis/ reads
+(docs/architecture.md §4).
 
 - tags: the names below. A sweep's parent run is tagged ``ROLE_TAG=sweep`` and ``SWEEP_TAG=<name>``; each
   trial's run ``ROLE_TAG=trial``, ``KEY_TAG=<trial_key>``, ``PARENT_TAG``, ``SWEEP_TAG`` and the others.

@@ -1,4 +1,5 @@
-"""The study report: one self-contained HTML page that answers a sweep's questions (docs/architecture.md §8).
+"""The study report: one self-contained HTML page that answers a sweep's questions
+(docs/architecture.md §8).
 
     write_report("demo", "report/")                      # every sweep of the experiment, pooled
     write_report("demo", "report/", sweep="full_grid-demo")

@@ -1,14 +1,14 @@
-"""One line of a message, for errors that quote another's: an exception's text, a traceback, a server's answer."""
+"""One line of a message, for errors that quote another's: an exception, a traceback, a server's answer."""
 from __future__ import annotations
 
 
 def first_line(text, default: str = "unknown error", limit: int = 300) -> str:
-    """The first non-blank line of ``text`` (an exception's own message leads), at most ``limit`` characters."""
+    """The first non-blank line of ``text`` (an exception's message leads), at most ``limit`` long."""
     return _line(text, 0, default, limit)
 
 
 def last_line(text, default: str = "unknown error", limit: int = 300) -> str:
-    """The last non-blank line of ``text`` (a traceback's ends with the exception), at most ``limit`` characters."""
+    """The last non-blank line of ``text`` (a traceback ends with its exception), at most ``limit`` long."""
     return _line(text, -1, default, limit)
 
 

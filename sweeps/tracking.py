@@ -70,8 +70,8 @@ def end_running(mlflow: "MlflowClient", experiment_id: str, sweep: str, status: 
     """End every run of ``sweep`` still RUNNING (its parent included) with ``status``; how many. Called by
     the driver holding the sweep's lease, when no trial of it runs: after its Tuner returned unfinished
     (interrupted), and before it starts (runs a driver killed outright left RUNNING)."""
-    runs = mlflow.search_runs([experiment_id], f"tags.{SWEEP_TAG} = '{sweep}' and attributes.status = 'RUNNING'",
-                              max_results=10000)
+    where = f"tags.{SWEEP_TAG} = '{sweep}' and attributes.status = 'RUNNING'"
+    runs = mlflow.search_runs([experiment_id], where, max_results=10000)
     for run in runs:
         mlflow.set_terminated(run.info.run_id, status)
     return len(runs)
@@ -114,7 +114,8 @@ def find_or_create_parent(mlflow: "MlflowClient", experiment_id: str, sweep: str
     where = f"tags.`{ROLE_TAG}` = '{SWEEP_ROLE}' and tags.{SWEEP_TAG} = '{sweep}'"
     run = keep_one(mlflow, experiment_id, where)
     if run is None:  # a retried create may have made two: keep one
-        created = mlflow.create_run(experiment_id, run_name=sweep, tags={ROLE_TAG: SWEEP_ROLE, SWEEP_TAG: sweep})
+        tags = {ROLE_TAG: SWEEP_ROLE, SWEEP_TAG: sweep}
+        created = mlflow.create_run(experiment_id, run_name=sweep, tags=tags)
         run = keep_one(mlflow, experiment_id, where) or created
     if not run.data.params:  # a fresh run, or one whose driver died before describing it
         _log_params(mlflow, run.info.run_id, params)

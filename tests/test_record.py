@@ -34,7 +34,8 @@ def test_every_field_type_is_covered():
 
 def test_param_reading_follows_the_config_rule():
     """The strings the config accepts (CLI, files) read back the same: one rule for both."""
-    assert cast_param("run", "steps_per_stage", "1e3") == 1000 == TrialConfig.from_dict({"steps_per_stage": "1e3"}).steps_per_stage
+    from_cli = TrialConfig.from_dict({"steps_per_stage": "1e3"})
+    assert cast_param("run", "steps_per_stage", "1e3") == 1000 == from_cli.steps_per_stage
     assert cast_param("run", "tf32", "yes") is True is TrialConfig.from_dict({"tf32": "yes"}).tf32
     assert cast_param("run", "subset", "null") is None
     with pytest.raises(AnalysisError, match=r"run r1: param seed='1\.5' is not a valid int"):
@@ -65,7 +66,8 @@ def _run(run_id, status="FINISHED", metrics=True, start=0, key=None, sweep="s", 
 
 
 def test_one_record_per_trial():
-    failed, done, ghost = _run("a", "FAILED", key="k"), _run("b", key="k", start=5), _run("c", "RUNNING", False, key="k")
+    failed, done = _run("a", "FAILED", key="k"), _run("b", key="k", start=5)
+    ghost = _run("c", "RUNNING", metrics=False, key="k")
     old_early, old_late = _run("d", start=1), _run("e", start=2)
     other = _run("f", key="k2")
     kept = unique_trials([failed, done, ghost, old_late, old_early, other])
