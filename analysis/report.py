@@ -14,6 +14,9 @@ Every image is inlined (a ``data:`` URI), so the page renders on its own and as 
 UI shows HTML artifacts from a blob URL, where relative links resolve to nothing); the same PNG files
 are also written beside it under ``images/``. The page is built in a temporary folder next to ``out``
 and moved into place only when complete: bad input leaves nothing half-written.
+
+What the page shows is read first (``analysis.study``), then rendered (``analysis.sections``, its HTML
+pieces in ``analysis.page``); this module writes and publishes it.
 """
 from __future__ import annotations
 
