@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from provlae.atomic import write_atomic
 from provlae.errors import ConfigError
 from provlae.text import first_line
 
@@ -77,13 +78,20 @@ class DamagedFile(ConfigError):
 
 
 def write_json(folder: str, name: str, data: dict[str, Any]) -> None:
-    """Write ``name`` whole: a temporary file beside it, moved into place (a reader never sees half)."""
+    """Write ``name`` whole: a temporary file beside it, moved into place (a reader never sees half). A
+    local folder's file is fsync'ed too (``provlae.atomic``); remote storage has its own guarantees."""
+    import pyarrow.fs
+
     fs, path = filesystem(folder)
-    tmp = f"{path}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+    text = json.dumps(data, indent=1).encode()
     try:
+        if isinstance(fs, pyarrow.fs.LocalFileSystem):
+            write_atomic(Path(path) / name, text)
+            return
+        tmp = f"{path}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
         fs.create_dir(path)
         with fs.open_output_stream(tmp) as f:
-            f.write(json.dumps(data, indent=1).encode())
+            f.write(text)
         fs.move(tmp, f"{path}/{name}")
     except OSError as e:
         raise ConfigError(f"cannot write to --storage {folder}: {first_line(e, type(e).__name__)}") from None
