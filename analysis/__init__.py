@@ -1,4 +1,4 @@
-"""The paper's questions answered from a sweep's MLflow experiment (DESIGN §3.4).
+"""The paper's questions answered from a sweep's MLflow experiment (docs/architecture.md §8).
 
     df = load_runs("provlae")            # one typed row per FINISHED trial, every sweep pooled
     sweep_counts(df)                     # {sweep: rows}: which sweeps the frame pools (column "sweep")
@@ -10,14 +10,30 @@
 
 The same from the shell: ``python -m analysis top3|figures|export|compare|trials|report --experiment NAME``.
 """
-from analysis.errors import AnalysisError
-from analysis.figures import write_figures, write_stage_figure
-from analysis.report import write_report
-from analysis.runs import export_parquet, load_runs, load_sweeps, stage_information, sweep_counts
-from analysis.topk import METRICS, best_per_family, compare, paper_ordering, rank_trials, top_k, verdict, wide
+import importlib
 
-__all__ = [
-    "METRICS", "AnalysisError", "best_per_family", "compare", "export_parquet", "load_runs", "load_sweeps",
-    "paper_ordering", "rank_trials", "stage_information", "sweep_counts", "top_k", "verdict", "wide",
-    "write_figures", "write_report", "write_stage_figure",
-]
+# Each public name and the module it lives in, imported on first use: ``analysis.record`` (the MLflow
+# record's names, which the sweep's trials import) loads no pandas, matplotlib or MLflow.
+_HOMES = {
+    "AnalysisError": "analysis.errors",
+    "write_figures": "analysis.figures", "write_stage_figure": "analysis.figures",
+    "write_report": "analysis.report",
+    "export_parquet": "analysis.runs", "load_runs": "analysis.runs", "load_sweeps": "analysis.runs",
+    "stage_information": "analysis.runs", "sweep_counts": "analysis.runs",
+    "METRICS": "analysis.topk", "best_per_family": "analysis.topk", "compare": "analysis.topk",
+    "paper_ordering": "analysis.topk", "rank_trials": "analysis.topk", "top_k": "analysis.topk",
+    "verdict": "analysis.topk", "wide": "analysis.topk",
+}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'analysis' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

@@ -1,14 +1,13 @@
-"""A sweep's trial runs, read back from MLflow into one typed DataFrame (DESIGN §3.3).
+"""A sweep's trial runs, read back from MLflow into one typed DataFrame (docs/architecture.md §4).
 
 The sweep logs one parent run per sweep and one child run per trial. MLflow hands params back as
-strings; here they are cast to the types ``TrialConfig`` declares (``"None"`` becomes None). Metrics
+strings; here they are cast to the types ``TrialConfig`` declares (``analysis.record.cast_param``). Metrics
 are the latest value of each key, which is the final evaluation. A trial that a store holds more than
 once (a create retried by an older sweep) is one row (``unique_trials``).
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import re
@@ -21,20 +20,15 @@ from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
 from analysis.errors import AnalysisError
-from provlae.config import TrialConfig
+from analysis.record import PARENT_TAG, ROLE_TAG, SWEEP_ROLE, SWEEP_TAG, cast_param, guess, unique_trials
 from provlae.paths import default_tracking_uri
+from provlae.text import first_line
 
-ROLE_TAG = "provlae.role"
-PARENT_TAG = "mlflow.parentRunId"
-KEY_TAG = "provlae.trial_key"  # names one trial of one sweep (sweeps/tracking.py)
-SWEEP_TAG = "sweep"
 FIRST_COLUMNS = ("run_id", "run_name", "sweep", "status", "start_time", "end_time",
                  "family", "dataset", "beta", "seed")
 PAGE_SIZE = 1000
+NO_MESSAGE = "unknown MLflow error"  # an MlflowException's message when it has none
 PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-_DECLARED = {f.name: str(f.type).replace("| None", "").strip() for f in dataclasses.fields(TrialConfig)}
-_NONE_WORDS = {"None", "none", "null", ""}
-_BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}
 _MI_KEY = re.compile(r"mi_z(\d+)")
 
 
@@ -69,9 +63,9 @@ def load_runs(experiment: str, tracking_uri: str | None = None, include_failed: 
         exp_id = _experiment_id(client, experiment, uri)
         runs = _search_all(client, exp_id)
     except MlflowException as e:
-        raise AnalysisError(f"cannot read MLflow at {uri}: {_first_line(e.message)}") from None
+        raise AnalysisError(f"cannot read MLflow at {uri}: {first_line(e.message, NO_MESSAGE)}") from None
     parents = {r.data.tags.get(PARENT_TAG) for r in runs}
-    trials = [r for r in runs if r.data.tags.get(ROLE_TAG) != "sweep" and r.info.run_id not in parents]
+    trials = [r for r in runs if r.data.tags.get(ROLE_TAG) != SWEEP_ROLE and r.info.run_id not in parents]
     if not trials:
         raise AnalysisError(f"experiment {experiment!r} has no trial runs")
     trials = unique_trials(trials)
@@ -87,44 +81,6 @@ def load_runs(experiment: str, tracking_uri: str | None = None, include_failed: 
     frame = _frame(kept)
     frame.attrs.update(experiment=experiment, experiment_id=exp_id, tracking_uri=uri)
     return frame
-
-
-def unique_trials(runs: list) -> list:
-    """One run per trial, in the order given.
-
-    A trial is its ``provlae.trial_key`` tag; a run without one (logged before the tag existed) is its
-    (sweep, run name), the sweep being its ``sweep`` tag or else its parent run; a run with neither is a
-    trial of its own. Of a trial's runs the one counted is the one its sweep keeps and resumes into
-    (sweeps/tracking.py ``keep_one``): FINISHED first, then one holding metrics, then one holding params,
-    then the earliest start, then the smaller run id. So a FAILED or never-ended copy never hides a
-    FINISHED one, and of two FINISHED copies the first one logged counts, the one the sweep's own links
-    and summaries name.
-    """
-    best: dict[tuple, object] = {}
-    for run in runs:
-        key = _trial_identity(run)
-        if key not in best or run_preference(run) < run_preference(best[key]):
-            best[key] = run
-    chosen = {id(run) for run in best.values()}
-    return [run for run in runs if id(run) in chosen]
-
-
-def _trial_identity(run) -> tuple:
-    tags, name = run.data.tags, run.info.run_name or run.data.tags.get("mlflow.runName")
-    if tags.get(KEY_TAG):
-        return ("key", tags[KEY_TAG])
-    group = tags.get(SWEEP_TAG) or tags.get(PARENT_TAG)
-    return ("name", group, name) if group and name else ("run", run.info.run_id)
-
-
-def run_preference(run) -> tuple:
-    """Sort key of the runs of one trial (or of one sweep's parents), the record first: FINISHED, then one
-    holding metrics, then one described (params), then the earliest start, then the smaller run id. The
-    sweep keeps (sweeps/tracking.py ``keep_one``) and this package counts the same run. A retried create's
-    ghost starts at the same time as the run the client got (the client sends the start time, and the
-    retry resends it): among fresh runs the run id decides, for every creator alike."""
-    info, data = run.info, run.data
-    return info.status != "FINISHED", not data.metrics, not data.params, info.start_time or 0, info.run_id
 
 
 def check_sweep(experiment: str, names: set, sweep: str) -> None:
@@ -155,12 +111,12 @@ def load_sweeps(experiment: str, tracking_uri: str | None = None) -> pd.DataFram
     client, uri = client_for(tracking_uri)
     try:
         exp_id = _experiment_id(client, experiment, uri)
-        runs = _search_all(client, exp_id, f"tags.`{ROLE_TAG}` = 'sweep'")
+        runs = _search_all(client, exp_id, f"tags.`{ROLE_TAG}` = '{SWEEP_ROLE}'")
     except MlflowException as e:
-        raise AnalysisError(f"cannot read MLflow at {uri}: {_first_line(e.message)}") from None
-    rows = [{"run_id": r.info.run_id, "sweep": r.data.tags.get("sweep") or r.info.run_name,
+        raise AnalysisError(f"cannot read MLflow at {uri}: {first_line(e.message, NO_MESSAGE)}") from None
+    rows = [{"run_id": r.info.run_id, "sweep": r.data.tags.get(SWEEP_TAG) or r.info.run_name,
              "status": r.info.status, "start_time": r.info.start_time, "end_time": r.info.end_time,
-             **{k: _guess(v) for k, v in r.data.params.items()}} for r in runs]
+             **{k: guess(v) for k, v in r.data.params.items()}} for r in runs]
     empty = ["run_id", "sweep", "status", "start_time", "end_time"]
     frame = pd.DataFrame(rows, columns=None if rows else empty)
     for column in ("start_time", "end_time"):
@@ -180,7 +136,7 @@ def run_artifacts(run_id: str, folder: str = "figures", tracking_uri: str | None
                 (todo if item.is_dir else paths).append(item.path)
     except MlflowException as e:
         raise AnalysisError(f"cannot list the artifacts of run {run_id} at {uri}: "
-                            f"{_first_line(e.message)}") from None
+                            f"{first_line(e.message, NO_MESSAGE)}") from None
     return sorted(paths)
 
 
@@ -194,7 +150,7 @@ def fetch_artifact(run_id: str, path: str, out_dir: str | Path, tracking_uri: st
         with _no_progress_bar():
             return Path(client.download_artifacts(run_id, path, str(folder)))
     except (MlflowException, OSError) as e:
-        message = _first_line(e.message) if isinstance(e, MlflowException) else str(e)
+        message = first_line(e.message, NO_MESSAGE) if isinstance(e, MlflowException) else str(e)
         raise AnalysisError(f"cannot fetch artifact {path} of run {run_id} at {uri}: {message}") from None
 
 
@@ -284,39 +240,6 @@ def _row(run, tags: list[str]) -> dict:
     return row
 
 
-def cast_param(run_name: str, key: str, text: str):
-    """A param string as the type TrialConfig declares for ``key``; unknown keys are guessed."""
-    if text in _NONE_WORDS:
-        return None
-    kind = _DECLARED.get(key)
-    if kind is None:
-        return _guess(text)
-    try:
-        if kind == "int":
-            number = float(text)  # "1e3" and "100.0" are ints too
-            if not number.is_integer():
-                raise ValueError
-            return int(number)
-        if kind == "float":
-            return float(text)
-        if kind == "bool":
-            return _BOOL_WORDS[text.strip().lower()]
-        return text
-    except (ValueError, KeyError):
-        raise AnalysisError(f"run {run_name}: param {key}={text!r} is not a valid {kind}") from None
-
-
-def _guess(text: str):
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def stage_information(run_id: str, tracking_uri: str | None = None) -> pd.DataFrame:
     """I(x; z_l) at the end of each progressive stage of one run (paper Fig. 5), from metric history.
 
@@ -334,7 +257,7 @@ def stage_information(run_id: str, tracking_uri: str | None = None) -> pd.DataFr
         history = {key: _last_per_step(client.get_metric_history(run_id, key)) for key in keys}
         stage_log = client.get_metric_history(run_id, "stage") if "stage" in run.data.metrics else []
     except MlflowException as e:
-        raise AnalysisError(f"cannot read run {run_id} at {uri}: {_first_line(e.message)}") from None
+        raise AnalysisError(f"cannot read run {run_id} at {uri}: {first_line(e.message, NO_MESSAGE)}") from None
     steps = sorted(set().union(*(history[f"mi_z{l}"] for l in levels)))
     labels = label_stages(steps, [(m.step, m.timestamp, m.value) for m in stage_log])
     by_stage = {label: step for step, label in zip(steps, labels)}  # later evaluations win
@@ -371,6 +294,3 @@ def _last_per_step(history: list) -> dict[int, float]:
         last[m.step] = m.value
     return last
 
-
-def _first_line(text: str) -> str:
-    return (text or "").strip().splitlines()[0] if (text or "").strip() else "unknown MLflow error"

@@ -1,4 +1,4 @@
-"""The paper's summary statistic and the comparisons built on it (Fig. 2/3, DESIGN §3.4).
+"""The paper's summary statistic and the comparisons built on it (Fig. 2/3, docs/architecture.md §8).
 
 For each (dataset, family, β) cell the paper reports the mean of the three best random seeds. A
 "best" seed is best by the metric being reported, unless ``rank_by`` names one metric whose ranking
@@ -9,9 +9,9 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.errors import AnalysisError
+from analysis.record import LOWER_IS_BETTER, default_mode
 
 METRICS = ("factor_score", "mig", "mig_sup", "recon_error")  # Fig. 2 panels, left to right, and the y axis
-LOWER_IS_BETTER = frozenset({"recon_error", "loss", "recon"})
 CELL = ("dataset", "family", "beta")
 TOP_K_COLUMNS = ("dataset", "family", "beta", "metric", "top_k_mean", "top_k_std", "n_runs", "seeds",
                  "incomplete")
@@ -203,7 +203,7 @@ def rank_trials(df: pd.DataFrame, objective: str, search: str | None = None,
         runs = runs[runs["search"] == search]
     if mode not in (None, "max", "min"):
         raise AnalysisError(f"mode must be 'max' or 'min', got {mode!r}")
-    lower = objective in LOWER_IS_BETTER if mode is None else mode == "min"
+    lower = (mode or default_mode(objective)) == "min"
     runs = runs[runs[objective].notna()].sort_values(objective, ascending=lower, kind="stable")
     if runs.empty:
         raise AnalysisError(f"no FINISHED run reports the objective {objective!r}")

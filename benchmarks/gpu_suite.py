@@ -62,6 +62,7 @@ from provlae import train as train_module
 from provlae.config import TrialConfig
 from provlae.evaluate import columns_in_use
 from provlae.fused import FusedTrainer, make_groups
+from provlae.text import first_line
 from provlae.train import Trainer, images_tensor, resolve_device
 from sweeps.grid import build_trials, dataset_size
 
@@ -352,7 +353,7 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             ERRORS[section] = f"{type(e).__name__}: {e}"
-            say(f"{section}: failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            say(f"{section}: failed: {type(e).__name__}: {first_line(e, '')}")
             return None
 
     ds = section_data(cfg, device)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from provlae import plugins
 from provlae.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -65,7 +66,7 @@ class TrialConfig:
         unknown = sorted(set(raw) - set(known))
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (known: {', '.join(known)})")
-        values = {k: _coerce(k, v, known[k].type) for k, v in raw.items()}
+        values = {k: coerce_field(k, v) for k, v in raw.items()}
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -103,7 +104,7 @@ class TrialConfig:
 
     @property
     def num_stages(self) -> int:
-        from provlae.models.families import family_class
+        from provlae.models.families import family_class  # torch: loaded only where a model is built
 
         return family_class(self.family).stages(self)
 
@@ -121,9 +122,9 @@ class TrialConfig:
             if not ok:
                 raise ConfigError(msg)
 
-        # The registries are the only lists of names (imported here: they import this module); the
-        # trial's plug-ins register theirs first, wherever the config is read (a Ray worker too)
-        from provlae import plugins
+        # The registries are the only lists of names (imported here: the families load torch and the
+        # datasets numpy, which a sweep's driver never needs); the trial's plug-ins register theirs first,
+        # wherever the config is read (a Ray worker too)
         from provlae.data.registry import ProceduralSpec, get_spec
         from provlae.models.families import family_class
 
@@ -159,6 +160,9 @@ class TrialConfig:
              f"dataset {self.dataset!r} has no procedural generator: set data_path to its files")
 
 
+FIELD_TYPES = {f.name: str(f.type) for f in fields(TrialConfig)}  # name -> declared type, e.g. "int | None"
+
+
 def config_identity(raw: dict[str, Any]) -> dict[str, Any]:
     """A config dict (e.g. a checkpoint's) less the LATER_FIELDS at their earlier behaviour."""
     return {k: v for k, v in raw.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
@@ -179,8 +183,11 @@ _NONE_WORDS = {"none", "null", ""}
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-def _coerce(key: str, value: Any, annotation: str) -> Any:
-    """Cast a raw value (possibly a string) to the field's declared type, or raise ConfigError."""
+def coerce_field(key: str, value: Any) -> Any:
+    """Cast a raw value (possibly a string: the CLI's, a file's, an MLflow param's) to the type TrialConfig
+    declares for field ``key``, or raise ConfigError. The one rule: ``from_dict`` and the analysis's
+    reading of params (``analysis.record.cast_param``) both use it."""
+    annotation = FIELD_TYPES[key]
     optional = "None" in annotation
     base = annotation.replace("| None", "").strip()
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE_WORDS):

@@ -104,7 +104,7 @@ def encode(model: LadderVAE, family: Family, stage: int, t: int, images: torch.T
 def disentanglement(enc: Encoding, factors: np.ndarray, factor_sizes: tuple[int, ...], *,
                     exclude_factors: tuple[int, ...], mi_samples: int, train_votes: int, eval_votes: int,
                     seed: int, device) -> dict[str, float]:
-    """MIG, MIG-sup, factor score, I(x; z_l) from one encoding (DESIGN §2.4).
+    """MIG, MIG-sup, factor score, I(x; z_l) from one encoding (docs/architecture.md §2.4).
 
     The information terms count every level (``mi_total`` all latents); MIG, MIG-sup and the factor score
     the latents in use at the stage, which the model generates with."""

@@ -1,4 +1,4 @@
-"""Qualitative figures of one trained model (DESIGN §2.5), saved as PNG files:
+"""Qualitative figures of one trained model (docs/architecture.md §2.5), saved as PNG files:
 
 - at every stage end (``stage_figures``): the paper's Fig. 5 panel (per level, images sampled from that
   level's prior with the other levels fixed, I(x; z_l) beside each row, I(x; z) on top) and its Fig. 4

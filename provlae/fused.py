@@ -1,5 +1,5 @@
-"""Fused trial groups (DESIGN §3.6): trials that differ only in their seed and loss weights train as one
-batched network in one process.
+"""Fused trial groups (docs/architecture.md §6): trials that differ only in their seed and loss weights
+train as one batched network in one process.
 
 Every member is a whole ``Trainer``: its own initial weights, batch order, posterior noise, evaluation,
 history and checkpoint in the solo format. The group replaces only the training step, with one of two
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from provlae import data as datasets
+from provlae.atomic import write_atomic
 from provlae.config import TrialConfig
 from provlae.errors import CheckpointError, ConfigError, TrainingDiverged
 from provlae.train import Event, Trainer
@@ -196,9 +195,7 @@ class FusedTrainer:
         self._stack.backward_and_step(loss)
         out = {}
         for k, (i, m) in enumerate(zip(live, members)):
-            m._finite &= torch.isfinite(loss[k].detach())
-            m.step += 1
-            out[i] = m.step_terms({name: v[k] for name, v in terms.items()}, t)
+            out[i] = m.stepped(loss[k], {name: v[k] for name, v in terms.items()}, t)
         return out
 
     def _write_back(self) -> None:
@@ -228,8 +225,8 @@ class FusedTrainer:
                 entry["file"] = f"{entry['key']}.pt"
                 m.save_checkpoint(folder / entry["file"])
             members.append(entry)
-        _write_json_atomic(folder / GROUP_FILE, {"version": GROUP_VERSION, "step": self.step,
-                                                 "kernels": self.kernels, "members": members})
+        group = {"version": GROUP_VERSION, "step": self.step, "kernels": self.kernels, "members": members}
+        write_atomic(folder / GROUP_FILE, json.dumps(group, indent=1, sort_keys=True))
         return folder
 
     def load_checkpoint(self, folder: str | Path) -> None:
@@ -369,12 +366,3 @@ def _stacked(trees: list, dtype=None, device=None):
     return stacked, rebuild
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -16,9 +16,7 @@ drives the same per-trial bookkeeping (``enter_stage``, ``after_step``), so a fu
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -29,12 +27,14 @@ import numpy as np
 import torch
 
 from provlae import data as datasets
+from provlae.atomic import atomic_path
 from provlae.config import TrialConfig, config_identity
 from provlae.errors import CheckpointError, ConfigError, TrainingDiverged
 from provlae.evaluate import batches_to_float, disentanglement, encode
 from provlae.figures import information_per_stage, model_figures, stage_figures
 from provlae.models import LadderVAE, build_family
 from provlae.models.ladder import check_image_shape
+from provlae.text import first_line
 
 CHECKPOINT_VERSION = 2  # 2: only tensors and plain values (loaded with weights_only=True); 1: numpy RNG state
 READABLE_VERSIONS = (1, 2)
@@ -147,9 +147,8 @@ def read_checkpoint(path: str | Path, device) -> dict:
         with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
             return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} holds more than tensors and plain values: refused without "
-                          f"running it ({first[:200]})") from None
+                              f"running it ({first_line(e, type(e).__name__, limit=200)})") from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): "
                           f"{type(e).__name__}: {str(e)[:200]}") from None
@@ -264,7 +263,6 @@ class Trainer:
         cfg, per_stage, total = self.cfg, self.cfg.stage_steps, self.cfg.total_steps
         if self.step % cfg.log_every == 0 or self.needs_state(end):  # never report, evaluate or checkpoint
             self._check_finite(terms["loss"])  # a diverged state
-            self._check_finite(terms["loss"])
         if self.step % cfg.log_every == 0 or self.step == total:
             terms = {k: float(v) for k, v in terms.items()}  # a host sync only when logging
             self.last_terms = terms
@@ -319,12 +317,17 @@ class Trainer:
             else:
                 self._alpha.fill_(self.family.alpha(self.stage, t))
                 out = self._compiled(x, self.stage, noise, self._alpha, self._coefficient_tensors())
-        self._finite &= torch.isfinite(out.loss.detach())  # checked at the next event: no per-step sync
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         self.opt.step()
+        return self.stepped(out.loss, out.terms, t)
+
+    def stepped(self, loss: torch.Tensor, terms: dict, t: int) -> dict[str, torch.Tensor | float]:
+        """Count one optimiser step on this trial's ``loss``, taken here or by a fused group that steps its
+        members at once: note whether the loss was finite, advance the step; the step's terms."""
+        self._finite &= torch.isfinite(loss.detach())  # checked at the next event: no per-step sync
         self.step += 1
-        return self.step_terms(out.terms, t)
+        return self.step_terms(terms, t)
 
     def _loss_at(self, x: torch.Tensor, stage: int, noise: dict, alpha: torch.Tensor, coef: dict):
         return self.family.loss(self.model, x, stage, 0, noise=noise, alpha=alpha, coef=coef)
@@ -428,17 +431,8 @@ class Trainer:
     def save_checkpoint(self, path: str | Path) -> Path:
         """Write the full training state to one file, atomically (never a half-written checkpoint)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ckpt-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            torch.save(self.state_dict(), tmp)
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:

@@ -76,8 +76,8 @@ CPU_STUDY = {"steps_per_stage": 500, "batch_size": 64, "fade_in_steps": 250, "lo
              "eval_subset": 20_000, "mi_samples": 5000, "factor_train_votes": 500, "factor_eval_votes": 300}
 
 PRESETS = {
-    # The paper's study at full scale (DESIGN §2.2): a GPU cluster's worth of work. Each of the paper's
-    # datasets brings its reference hyper-parameters (DatasetSpec.paper_config).
+    # The paper's study at full scale (docs/architecture.md §2.2): a GPU cluster's worth of work. Each of the
+    # paper's datasets brings its reference hyper-parameters (DatasetSpec.paper_config).
     "paper": Preset(datasets=in_paper, families=every, betas=PAPER_BETAS, seeds=tuple(range(5)),
                     base={"checkpoint_every": 5000}, paper_config=True),
     # The top-3 table as the paper reports it, at CPU_STUDY scale: every family, 3 seeds (12 trials with

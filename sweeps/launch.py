@@ -20,6 +20,7 @@ from typing import Any
 from provlae import paths, plugins
 from provlae.config import TrialConfig
 from provlae.errors import ConfigError, ProvlaeError
+from provlae.text import last_line
 from sweeps import sweep_folder, tracking
 from sweeps.cluster_checks import check_cluster
 from sweeps.trainable import GROUP_KEY, group_configs, group_label, train_group, train_trial, trial_config
@@ -326,11 +327,6 @@ def _mark_failed(mlflow, ctx: tracking.TrackingContext, cfg: TrialConfig, trial_
             tracking.mark_failed(mlflow, run.info.run_id, error)
     except tracking.TrackingError:  # the server is away: the rerun retries the trial and records it
         pass
-
-
-def last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else "unknown error")[:300]
 
 
 def format_table(rows: list[dict]) -> str:

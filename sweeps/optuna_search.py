@@ -60,11 +60,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from analysis.record import STAGE_END_METRICS
 from provlae import plugins
 from sweeps import grid
 from sweeps.cli import add_sweep_args, registered, resolve_common, run_main
 from sweeps.search import (
-    OBJECTIVES,
     SearchSpec,
     build_spec,
     check_inputs,
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dataset", required=True, help=registered("datasets"))
     parser.add_argument("--trials", type=int, required=True, help="configurations to try (>= 1)")
     parser.add_argument("--objective", default="mig_sup",
-                        help=f"stage-end metric to optimise, the mean over seeds: {', '.join(OBJECTIVES)} "
+                        help=f"stage-end metric to optimise, the mean over seeds: {', '.join(STAGE_END_METRICS)} "
                              f"(default: mig_sup)")
     parser.add_argument("--mode", help="max or min (default: min for recon_error, else max)")
     parser.add_argument("--preset", choices=sorted(grid.PRESETS), default="paper",

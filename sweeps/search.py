@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from analysis.record import NEED_FACTORS, STAGE_END_METRICS, default_mode
 from provlae import plugins
 from provlae.config import TrialConfig
 from provlae.errors import ConfigError, TrainingDiverged
@@ -32,11 +33,6 @@ from sweeps import grid, sweep_folder, tracking
 if TYPE_CHECKING:
     from provlae.fused import FusedTrainer
 
-# The trainer's stage-end metrics that every family reports at every stage end (mi_z<l> and kl_z<l>
-# are left out: a progressive family does not have every level at its first stages).
-OBJECTIVES = ("mig", "mig_sup", "factor_score", "recon_error", "mi_total", "mi_over", "active_units")
-NEED_FACTORS = frozenset({"mig", "mig_sup", "factor_score", "active_units"})
-LOWER_IS_BETTER = frozenset({"recon_error"})
 BETA_RANGE = (0.5, 32.0)  # log-uniform
 LR_RANGE = (1e-4, 2e-3)  # log-uniform
 REDUCTION_FACTOR = 2  # ASHA: rungs at S, 2S, 4S, ... steps, so every rung is a stage end (see make_scheduler)
@@ -117,10 +113,6 @@ def describe_distribution(d) -> str:
     return f"{kind}({d.low:g}, {d.high:g})"
 
 
-def default_mode(objective: str) -> str:
-    return "min" if objective in LOWER_IS_BETTER else "max"
-
-
 def check_inputs(family: str, dataset: str, trials: int, objective: str, mode: str | None) -> None:
     """The search's names and counts; a ConfigError naming the first bad one."""
     from provlae.data.registry import get_spec
@@ -130,9 +122,9 @@ def check_inputs(family: str, dataset: str, trials: int, objective: str, mode: s
     spec = get_spec(dataset)
     if trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {trials}")
-    if objective not in OBJECTIVES:
+    if objective not in STAGE_END_METRICS:
         raise ConfigError(f"unknown objective {objective!r}: choose one of the trainer's stage-end metrics "
-                          f"({', '.join(OBJECTIVES)})")
+                          f"({', '.join(STAGE_END_METRICS)})")
     if objective in NEED_FACTORS and not spec.has_factors:
         raise ConfigError(f"objective {objective} needs ground-truth factors, which {dataset} has not")
     if mode not in (None, "max", "min"):

@@ -25,7 +25,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from provlae.atomic import write_atomic
 from provlae.errors import ConfigError
+from provlae.text import first_line
 
 GRID_MANIFEST = "provlae_sweep.json"
 SEARCH_MANIFEST = "provlae_search.json"
@@ -43,7 +45,7 @@ def filesystem(folder: str):
     try:
         return pyarrow.fs.FileSystem.from_uri(folder if "://" in folder else Path(folder).as_uri())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--storage {folder}: {_first_line(e)}") from None
+        raise ConfigError(f"--storage {folder}: {first_line(e, type(e).__name__)}") from None
 
 
 def read_json(folder: str, name: str) -> dict[str, Any] | None:
@@ -58,7 +60,7 @@ def read_json(folder: str, name: str) -> dict[str, Any] | None:
         with fs.open_input_stream(target) as f:
             text = f.read()
     except OSError as e:
-        raise ConfigError(f"cannot read {folder}/{name}: {_first_line(e)}") from None
+        raise ConfigError(f"cannot read {folder}/{name}: {first_line(e, type(e).__name__)}") from None
     try:
         data = json.loads(text)
     except ValueError as e:
@@ -76,16 +78,23 @@ class DamagedFile(ConfigError):
 
 
 def write_json(folder: str, name: str, data: dict[str, Any]) -> None:
-    """Write ``name`` whole: a temporary file beside it, moved into place (a reader never sees half)."""
+    """Write ``name`` whole: a temporary file beside it, moved into place (a reader never sees half). A
+    local folder's file is fsync'ed too (``provlae.atomic``); remote storage has its own guarantees."""
+    import pyarrow.fs
+
     fs, path = filesystem(folder)
-    tmp = f"{path}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+    text = json.dumps(data, indent=1).encode()
     try:
+        if isinstance(fs, pyarrow.fs.LocalFileSystem):
+            write_atomic(Path(path) / name, text)
+            return
+        tmp = f"{path}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
         fs.create_dir(path)
         with fs.open_output_stream(tmp) as f:
-            f.write(json.dumps(data, indent=1).encode())
+            f.write(text)
         fs.move(tmp, f"{path}/{name}")
     except OSError as e:
-        raise ConfigError(f"cannot write to --storage {folder}: {_first_line(e)}") from None
+        raise ConfigError(f"cannot write to --storage {folder}: {first_line(e, type(e).__name__)}") from None
 
 
 def remove(folder: str, name: str) -> None:
@@ -198,7 +207,7 @@ class SweepLease:
                 created.append(at)
                 at = at.rsplit("/", 1)[0] if "/" in at.strip("/") else ""
         except OSError as e:
-            raise ConfigError(f"cannot use --storage {folder}: {_first_line(e)}") from None
+            raise ConfigError(f"cannot use --storage {folder}: {first_line(e, type(e).__name__)}") from None
         try:
             held = read_json(folder, LEASE)
         except DamagedFile:
@@ -278,11 +287,6 @@ def describe_holder(lease: dict[str, Any], folder: str) -> str:
             f"renewed for {float(lease.get('ttl', LEASE_TTL)):.0f} s is taken over")
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
-
-
 # ---------------------------------------------------------------------------------- Tune's own state
 
 
@@ -294,7 +298,8 @@ def check_tune_state(folder: str, restartable: bool) -> bool:
     has since deleted. A grid (``restartable``) starts again in the same folder instead — the damaged state
     renamed ``….damaged``, the others ``….superseded`` — and loses nothing: trials finished in MLflow are not
     trained again, and the others replay from step 0 into their runs, which skip the steps they hold (the
-    replay is bitwise the same). A search cannot (its runs are keyed by Tune's trial ids): one error."""
+    replay is bitwise the same). A search cannot: the points its searcher sampled and what it learned
+    from their scores live only in that state, and a fresh searcher would try other points: one error."""
     import fnmatch
 
     import pyarrow.fs
@@ -303,7 +308,7 @@ def check_tune_state(folder: str, restartable: bool) -> bool:
     try:
         names = [Path(i.path).name for i in fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))]
     except OSError as e:
-        raise ConfigError(f"cannot read sweep folder {folder}: {_first_line(e)}") from None
+        raise ConfigError(f"cannot read sweep folder {folder}: {first_line(e, type(e).__name__)}") from None
     states = sorted(fnmatch.filter(names, "experiment_state-*.json"))
     if not states:
         return False
@@ -315,7 +320,7 @@ def check_tune_state(folder: str, restartable: bool) -> bool:
             raise ValueError("no trial data in it")
         return False
     except (OSError, ValueError) as e:
-        why = _first_line(e)
+        why = first_line(e, type(e).__name__)
     if not restartable:
         raise ConfigError(f"sweep folder {folder}: Tune's saved state {newest} is damaged ({why}), so the search "
                           f"cannot be resumed: start it again under another --name")
@@ -323,7 +328,7 @@ def check_tune_state(folder: str, restartable: bool) -> bool:
         for name in states:
             fs.move(f"{path}/{name}", f"{path}/{name}.{'damaged' if name == newest else 'superseded'}")
     except OSError as e:
-        raise ConfigError(f"cannot write to --storage {folder}: {_first_line(e)}") from None
+        raise ConfigError(f"cannot write to --storage {folder}: {first_line(e, type(e).__name__)}") from None
     print(f"note: Tune's state {newest} in {folder} is damaged ({why}); set aside as {newest}.damaged. The grid "
           f"starts again in the same folder: trials finished in MLflow are not trained again, the others start "
           f"over into their runs", flush=True)

@@ -1,4 +1,4 @@
-"""The MLflow contract of a sweep (DESIGN §3.3), shared with analysis/.
+"""How a sweep keeps its MLflow record (docs/architecture.md §4; the names in ``analysis.record``).
 
 - experiment: ``--experiment``, tagged ``mlflow.experimentKind`` = ``custom_model_development`` (MLflow's
   kind for model training, as opposed to GenAI development).
@@ -17,192 +17,61 @@ sweep restores all land in the same run. A create that MLflow's client retried (
 the server had committed it) leaves a second run: after each create the runs of that key (or that sweep's
 parent) are read back and one is kept, the others deleted (``keep_one``). No metric step is logged
 twice: a resumed trial replays the same events bitwise, so steps at or below the last step already stored
-for a metric are skipped.
+for a metric are skipped. Reaching the store, and waiting out an outage, is ``sweeps.store``.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from analysis import record
+from analysis.record import (
+    DATA_TAGS,
+    DUPLICATE_TAG,
+    ERROR_TAG,
+    HARDWARE_TAG,
+    KEY_TAG,
+    KIND_TAG,
+    PARENT_TAG,
+    RESUMED_TAG,
+    ROLE_TAG,
+    SWEEP_ROLE,
+    SWEEP_TAG,
+    TRAINING_KIND,
+    TRIAL_ROLE,
+    run_preference,
+)
 from provlae.config import TrialConfig
-from provlae.errors import ProvlaeError
+from sweeps.store import (  # noqa: F401  (tracking.<name> for the sweep's modules)
+    PATIENCE,
+    TrackingError,
+    check_reachable,
+    client,
+    normalize_uri,
+    patient_client,
+    sqlite_path,
+    unreachable,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-ROLE_TAG = "provlae.role"
-KEY_TAG = "provlae.trial_key"
-RESUMED_TAG = "provlae.resumed_from_step"  # set when a trial continues from a Tune checkpoint
-ERROR_TAG = "error"
-DATA_TAGS = ("data_source", "data_sha256")  # the file a trial trained on ("procedural": none) and its sha256
-HARDWARE_TAG = "hardware"  # what the trial's last attempt ran on: "cuda: <GPU> (<host>)" or "cpu: ..."
-KIND_TAG = "mlflow.experimentKind"
-TRAINING_KIND = "custom_model_development"  # MLflow 3's kind for model training ("Machine learning")
-PARENT_TAG = "mlflow.parentRunId"
 FLUSH_METRICS = 500  # buffered metric values that force a flush
 FLUSH_SECONDS = 15.0  # ... or the time since the last flush
 BATCH_LIMIT = 1000  # MLflow's log_batch limit on metrics per request
 TAG_VALUE_LIMIT = 5000
-PATIENCE = 300.0  # seconds a trial waits for an unreachable tracking server before it fails (--tracking-patience)
-RETRY_EVERY = 5.0  # seconds between a trial's tries of a call while the server is away
-# Inside a trial, MLflow's own retries are kept short, so the patience above is what bounds a wait (its
-# defaults, 7 retries with backoff factor 2, take about four minutes per call). The user's settings win.
-TRIAL_CLIENT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-DUPLICATE_TAG = "provlae.duplicate_of"  # on a deleted duplicate run: the run kept in its place
 MAX_CANDIDATES = 100  # runs read back for one trial key or one sweep's parent
 
-
-class TrackingError(ProvlaeError):
-    """The tracking store cannot be reached or used."""
-
-
-# ---------------------------------------------------------------------------------------- the store
-
-
-def normalize_uri(uri: str) -> str:
-    """Absolute form of a local store's URI: trials run in their own directories (and jobs in a
-    temporary working_dir), so a relative sqlite or file path would scatter results."""
-    parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme == "sqlite":
-        return f"sqlite:///{_sqlite_path(uri)}"
-    if parsed.scheme in ("", "file"):
-        path = parsed.path if parsed.scheme == "file" else uri
-        return Path(path).expanduser().resolve().as_uri()
-    return uri
-
-
-def _sqlite_path(uri: str) -> Path:
-    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri[len("sqlite://"):]
-    return Path(path).expanduser().resolve()
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Raise TrackingError, within ``timeout`` seconds, unless the store at ``uri`` can be used. A server
-    is asked ``/health`` and then one API call with the client's credentials (MLflow's own environment:
-    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, or ``MLFLOW_TRACKING_TOKEN``), so missing
-    or wrong credentials, or an API that fails behind a healthy /health, are one error before Ray starts."""
-    parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        base = uri.rstrip("/")
-        _get(f"{base}/health", uri, timeout, {})
-        _get(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", uri, timeout, auth_headers())
-    elif parsed.scheme in ("sqlite", "file"):
-        folder = _sqlite_path(uri).parent if parsed.scheme == "sqlite" else Path(parsed.path)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TrackingError(f"tracking store {uri}: cannot create {folder} ({e.strerror})") from None
-        if not os.access(folder, os.W_OK):
-            raise TrackingError(f"tracking store {uri}: {folder} is not writable")
-
-
-def auth_headers() -> dict[str, str]:
-    """The Authorization header MLflow's client sends, from the same environment variables."""
-    import base64
-
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if user and password:
-        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        return {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
-    return {}
-
-
-def _get(url: str, uri: str, timeout: float, headers: dict[str, str]) -> None:
-    what = "/health" if url.endswith("/health") else "its API"
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
-            if response.status != 200:
-                raise TrackingError(f"tracking server {uri} answered {response.status} on {what}")
-    except urllib.error.HTTPError as e:
-        if e.code == 401:
-            given = "were refused" if headers else "are missing"
-            raise TrackingError(f"tracking server {uri} requires authentication and the credentials {given} "
-                                f"(HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
-        if e.code == 403:
-            raise TrackingError(f"tracking server {uri}: user {os.environ.get('MLFLOW_TRACKING_USERNAME')!r} "
-                                f"may not read experiments (HTTP 403): ask its admin for permission") from None
-        raise TrackingError(f"tracking server {uri} answered HTTP {e.code} on {what}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise TrackingError(f"tracking server {uri} is not reachable ({reason})") from None
-
-
-def client(uri: str) -> "MlflowClient":
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def unreachable(e: BaseException) -> bool:
-    """Whether an MLflow call failed because the server did not answer (connection refused or reset, a
-    timeout, 5xx answers past the client's retries), rather than with an answer of the server's."""
-    from mlflow.exceptions import MlflowException, RestException
-
-    if isinstance(e, RestException) or not isinstance(e, MlflowException):
-        return False
-    return "failed with exception" in e.message or "failed with timeout exception" in e.message
-
-
-class PatientClient:
-    """An MlflowClient whose calls wait out an unreachable tracking server: a call that cannot reach it is
-    tried again every ``RETRY_EVERY`` seconds for up to ``patience`` seconds, then raises TrackingError
-    naming the server and the wait. Calls the server answers (with a result or an error) pass unchanged.
-    A call repeated after a lost answer is safe here: metric values carry their own timestamps (the
-    server keeps one of identical values) and a run created twice is resolved by its trial key."""
-
-    def __init__(self, inner: "MlflowClient", patience: float):
-        self._inner, self._patience = inner, patience
-
-    @property
-    def tracking_uri(self) -> str:
-        return self._inner.tracking_uri
-
-    def __getattr__(self, name: str):
-        attr = getattr(self._inner, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args, **kwargs):
-            deadline = None
-            while True:
-                try:
-                    return attr(*args, **kwargs)
-                except Exception as e:
-                    if not unreachable(e):
-                        raise
-                    now = time.monotonic()
-                    deadline = deadline if deadline is not None else now + self._patience
-                    if now >= deadline:
-                        cause = str(e).strip().splitlines()[0][:200]
-                        raise TrackingError(f"tracking server {self.tracking_uri} was unreachable for more than "
-                                            f"{self._patience:g} s (--tracking-patience): {cause}") from None
-                    time.sleep(min(RETRY_EVERY, deadline - now))
-
-        return call
-
-
-def patient_client(uri: str, patience: float = PATIENCE) -> PatientClient:
-    """The client a trial uses (MLflow's own retries kept short unless the user set them)."""
-    for key, value in TRIAL_CLIENT_RETRIES.items():
-        os.environ.setdefault(key, value)
-    return PatientClient(client(uri), patience)
 
 
 def end_running(mlflow: "MlflowClient", experiment_id: str, sweep: str, status: str = "KILLED") -> int:
     """End every run of ``sweep`` still RUNNING (its parent included) with ``status``; how many. Called by
     the driver holding the sweep's lease, when no trial of it runs: after its Tuner returned unfinished
     (interrupted), and before it starts (runs a driver killed outright left RUNNING)."""
-    runs = mlflow.search_runs([experiment_id], f"tags.sweep = '{sweep}' and attributes.status = 'RUNNING'",
-                              max_results=10000)
+    where = f"tags.{SWEEP_TAG} = '{sweep}' and attributes.status = 'RUNNING'"
+    runs = mlflow.search_runs([experiment_id], where, max_results=10000)
     for run in runs:
         mlflow.set_terminated(run.info.run_id, status)
     return len(runs)
@@ -229,7 +98,7 @@ def open_experiment(mlflow: "MlflowClient", name: str) -> str:
     uri = mlflow.tracking_uri
     location = None
     if uri.startswith("sqlite:"):
-        location = (_sqlite_path(uri).parent / "mlartifacts" / name).as_uri()
+        location = (sqlite_path(uri).parent / "mlartifacts" / name).as_uri()
     try:
         return mlflow.create_experiment(name, artifact_location=location, tags={KIND_TAG: TRAINING_KIND})
     except MlflowException:  # created meanwhile by someone else
@@ -242,10 +111,11 @@ def open_experiment(mlflow: "MlflowClient", name: str) -> str:
 def find_or_create_parent(mlflow: "MlflowClient", experiment_id: str, sweep: str,
                           params: dict[str, Any]) -> str:
     """The sweep's parent run (created once; set RUNNING again when the sweep resumes)."""
-    where = f"tags.`{ROLE_TAG}` = 'sweep' and tags.sweep = '{sweep}'"
+    where = f"tags.`{ROLE_TAG}` = '{SWEEP_ROLE}' and tags.{SWEEP_TAG} = '{sweep}'"
     run = keep_one(mlflow, experiment_id, where)
     if run is None:  # a retried create may have made two: keep one
-        created = mlflow.create_run(experiment_id, run_name=sweep, tags={ROLE_TAG: "sweep", "sweep": sweep})
+        tags = {ROLE_TAG: SWEEP_ROLE, SWEEP_TAG: sweep}
+        created = mlflow.create_run(experiment_id, run_name=sweep, tags=tags)
         run = keep_one(mlflow, experiment_id, where) or created
     if not run.data.params:  # a fresh run, or one whose driver died before describing it
         _log_params(mlflow, run.info.run_id, params)
@@ -269,20 +139,18 @@ class TrackingContext:
     experiment_id: str
     sweep: str
     parent_run_id: str
-    key_by: str = "config"  # "config": the resolved config names the trial; "trial_id": Tune's trial id
     tags: tuple[tuple[str, str], ...] = ()  # extra tags on every trial run, e.g. (("search", "optuna"),)
     patience: float = PATIENCE  # seconds a trial waits for an unreachable tracking server
 
-    def trial_key(self, cfg: TrialConfig, trial_id: str) -> str:
-        what = json.dumps(cfg.identity(), sort_keys=True) if self.key_by == "config" else trial_id
-        return hashlib.sha256(f"{self.sweep}\n{what}".encode()).hexdigest()[:24]
+    def trial_key(self, cfg: TrialConfig, trial_id: str = "") -> str:
+        """The key of ``cfg``'s run (``analysis.record.trial_key``). ``trial_id`` names nothing: a trial is
+        its config, whichever Tune trial runs it (the argument is accepted for the callers that pass it)."""
+        return record.trial_key(self.sweep, cfg)
 
 
 def find_trial_run(mlflow: "MlflowClient", experiment_id: str, key: str):
     """The run of trial ``key``, or None. Where a store holds duplicates (a retried create, before
     ``keep_one`` existed), the one ``keep_one`` would keep: FINISHED, else holding metrics, else the earliest."""
-    from analysis.runs import run_preference
-
     runs = mlflow.search_runs([experiment_id], _key_filter(key), max_results=MAX_CANDIDATES)
     return min(runs, key=run_preference, default=None)
 
@@ -295,13 +163,12 @@ def keep_one(mlflow: "MlflowClient", experiment_id: str, where: str):
     """The one active run matching ``where`` (a trial key, or a sweep's parent tags), or None.
 
     MLflow's client retries ``runs/create`` on a 5xx or a timeout, so a create the server had already
-    committed leaves a second run. Of several matches, one is kept (``analysis.runs.run_preference``); each other that
+    committed leaves a second run. Of several matches, one is kept (``analysis.record.run_preference``: the
+    run the analysis counts); each other that
     holds no metrics (a ghost) is tagged ``provlae.duplicate_of=<kept run id>`` and deleted. Two that both
     hold metrics are both left, and only the kept one is ever logged into. Concurrent creators agree on
     the run they keep, and deleting twice is harmless."""
     from mlflow.exceptions import MlflowException
-
-    from analysis.runs import run_preference  # the run this sweep keeps is the run the analysis counts
 
     runs = sorted(mlflow.search_runs([experiment_id], where, max_results=MAX_CANDIDATES), key=run_preference)
     if not runs:
@@ -343,8 +210,8 @@ class TrialRun:
         key = ctx.trial_key(cfg, trial_id)
         found = keep_one(mlflow, ctx.experiment_id, _key_filter(key))
         if found is None:  # a retried create may have made two: keep one
-            tags = {**dict(ctx.tags), PARENT_TAG: ctx.parent_run_id, ROLE_TAG: "trial", KEY_TAG: key,
-                    "family": cfg.family, "dataset": cfg.dataset, "sweep": ctx.sweep,
+            tags = {**dict(ctx.tags), PARENT_TAG: ctx.parent_run_id, ROLE_TAG: TRIAL_ROLE, KEY_TAG: key,
+                    "family": cfg.family, "dataset": cfg.dataset, SWEEP_TAG: ctx.sweep,
                     "ray_trial_id": trial_id, HARDWARE_TAG: hardware(cfg.device), **ray_node_tags(),
                     **data_tags(cfg)}
             created = mlflow.create_run(ctx.experiment_id, run_name=cfg.run_name, tags=tags)

@@ -68,7 +68,7 @@ def local_ray(provlae_home):
 
 @pytest.fixture
 def check_sweep_runs():
-    """A checker of the MLflow contract (DESIGN §3.3) for one sweep: returns {run name: run}."""
+    """A checker of the MLflow contract (docs/architecture.md §4) for one sweep: returns {run name: run}."""
     return _check_sweep_runs
 
 

@@ -1,4 +1,4 @@
-"""Datasets with ground-truth factors (DESIGN §2.1).
+"""Datasets with ground-truth factors (docs/architecture.md §2.1).
 
     from provlae import data
     ds = data.load("dsprites")                       # procedural, full grid, memory-mapped from the cache

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from provlae.atomic import atomic_path
 from provlae.data import cache
-from provlae.data.npyio import atomic_path, write_npy_chunks
+from provlae.data.npyio import write_npy_chunks
 from provlae.data.registry import (DATASETS, Dataset, ProceduralSpec, chunk_ranges, get_spec, grid_classes,
                                    reduced_grid_classes, subset_indices)
 from provlae.errors import ConfigError, DataError

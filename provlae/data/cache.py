@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from provlae.data.npyio import atomic_path, remove_stale_tmp
+from provlae.atomic import remove_stale_tmp, write_atomic
 from provlae.paths import dataset_cache
 
 MANIFEST = "manifest.json"
@@ -67,8 +67,7 @@ def cached_arrays(dataset: str, parts: dict, names: tuple[str, ...],
                     remove_stale_tmp(directory)
                     info = build(directory) or {}
                     manifest = {"dataset": dataset, "arrays": list(names), "parts": parts, "info": info}
-                    with atomic_path(directory / MANIFEST) as tmp:
-                        tmp.write_text(json.dumps(manifest, indent=1, default=str))
+                    write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1, default=str))
         try:
             manifest = json.loads((directory / MANIFEST).read_text())
             return open_entry(directory, names), manifest["info"]

@@ -1,13 +1,12 @@
-"""Low-level file plumbing: atomic writes, streamed .npy writing, streamed .npz reading.
+"""Low-level file plumbing: streamed .npy writing, streamed .npz reading.
 
 Datasets are bigger than we want in memory (dSprites 3 GB, 3DShapes 5.9 GB), so arrays are written and
-read in row chunks. Every file the package writes appears atomically: it is written under a temporary
-name in the target directory, fsync'ed, then ``os.replace``'d into place — a reader never sees half a file.
+read in row chunks. Every file the package writes appears atomically (``provlae.atomic``): a reader never
+sees half a file.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -15,39 +14,8 @@ from typing import IO, Iterator
 
 import numpy as np
 
+from provlae.atomic import atomic_path
 from provlae.errors import DataError
-
-TMP_MARK = ".tmp-"
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; on success fsync it and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def remove_stale_tmp(directory: Path) -> None:
-    """Delete temporaries left by a killed writer (call only while holding the directory's lock)."""
-    for p in directory.glob(f".*{TMP_MARK}*"):
-        p.unlink(missing_ok=True)
 
 
 class NpyStreamWriter:

@@ -136,8 +136,8 @@ class DatasetSpec:
     has_factors: ClassVar[bool] = True  # ground-truth factors: the disentanglement metrics apply
     optional_factors: ClassVar[tuple[int, ...]] = ()  # factors left out of MIG / MIG-sup unless include_shape
     display_order: ClassVar[int] = 100  # position in tables (built-ins first)
-    # The reference hyper-parameters for this dataset (DESIGN §2.2) that the paper preset applies:
-    # TrialConfig fields, plus "epochs_per_stage", which sets steps_per_stage from the dataset's size.
+    # The reference hyper-parameters for this dataset (docs/architecture.md §2.2) that the paper preset
+    # applies: TrialConfig fields, plus "epochs_per_stage", which sets steps_per_stage from the dataset's size.
     paper_config: ClassVar[dict[str, Any]] = {}
     paper: ClassVar[bool] = False  # one of the datasets of the paper's study (the paper preset's grid)
 

@@ -1,4 +1,5 @@
-"""Disentanglement metrics as pure functions: arrays in (numpy or torch), dict out, seeded (DESIGN §2.4).
+"""Disentanglement metrics as pure functions: arrays in (numpy or torch), dict out, seeded
+(docs/architecture.md §2.4).
 
 - mig_scores: MIG (Chen et al. 2018) and MIG-sup (paper eq. 12) from the Chen et al. MI estimator.
 - factor_score: the Kim & Mnih (2018) majority-vote factor metric.

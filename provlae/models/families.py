@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch.nn import functional as F
 
-from provlae.config import TrialConfig
 from provlae.errors import ConfigError
 from provlae.models.ladder import Gates, LadderOutput, LadderVAE
+
+if TYPE_CHECKING:  # annotations only: the config imports the registries, never the other way round
+    from provlae.config import TrialConfig
 
 FAMILIES: dict[str, type[Family]] = {}
 # Hooks a family must define itself or inherit from Family: a class that is not a Family subclass (or
