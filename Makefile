@@ -34,8 +34,9 @@ demo: $(STAMP)
 	@$(BIN)/python -c "from sweeps.launch import report_lines; \
 	print(*report_lines('demo', 'demo'), sep='\n')"
 
+# Two workers, each taking whole test files (a file's servers and trained models are set up once).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 -m "not slow"

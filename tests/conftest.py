@@ -16,6 +16,13 @@ SERVER_FIXTURES = frozenset({"mlflow_server", "ray_head", "local_ray", "service"
                              "auth_server"})
 
 
+def pytest_configure(config) -> None:
+    """With parallel workers (``-n``), Ray's token file is made once, before they start: two workers
+    generating it at once could each start a cluster with a token the file no longer holds."""
+    if config.getoption("numprocesses", default=None) and not hasattr(config, "workerinput"):
+        servers.auth_token()
+
+
 def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
