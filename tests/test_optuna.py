@@ -351,6 +351,70 @@ def test_a_diverging_seed_fails_the_configuration_and_its_retry_at_once(provlae_
     assert len(runs) == 2
     assert all(r.info.status == "FAILED" and r.data.tags["error"].startswith("TrainingDiverged") for r in runs)
 
+def test_a_configuration_resumes_from_the_checkpoint_before_a_damaged_one(provlae_home, tmp_path, monkeypatch,
+                                                                         caplog):
+    """search_trial in-process: its worker is lost after the second stage end; the newest checkpoint is
+    truncated (a full disk), so the retry resumes from the one Tune kept before it (the grid's fallback,
+    sweeps/lifecycle.restore), and each seed's run holds its solo trial's numbers, every step once."""
+    import shutil
+
+    import torch
+    from ray import tune
+
+    from provlae.train import Trainer
+    from sweeps.tracking import RESUMED_TAG
+
+    reports, client, exp, ctx = _in_process(monkeypatch, provlae_home, tmp_path, "fallback", "t0004")
+    sampled = {"beta": 2.0, "gamma": 0.3, "fade_in_steps": 2, "lr": 1e-3}
+    config = {"trial": spec(objective="recon_error", **TINY).base.to_dict(), **sampled}
+    trial = tmp_path / "trial"  # Tune's checkpoint_NNNNNN folders of the trial
+
+    class WorkerLost(BaseException):
+        """The worker's node went away: nothing is recorded, the runs stay RUNNING."""
+
+    def report_and_keep(metrics, checkpoint=None):
+        shutil.copytree(checkpoint.path, trial / f"checkpoint_{len(reports):06d}")
+        reports.append(metrics)
+        if len(reports) == 2:
+            raise WorkerLost
+
+    threads = torch.get_num_threads()
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(tune, "report", report_and_keep)
+            with pytest.raises(WorkerLost):
+                search.search_trial(config, ctx, seeds=[0, 1], objective="recon_error")
+        newest = trial / "checkpoint_000001"
+        members = sorted(newest.glob("*.pt"))
+        assert len(members) == 2
+        for member in members:
+            member.write_bytes(member.read_bytes()[: member.stat().st_size // 2])
+        monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint(str(newest)))
+        reports.clear()
+        search.search_trial(config, ctx, seeds=[0, 1], objective="recon_error")
+        torch.set_num_threads(1)  # what search_trial sets, for the solo runs too
+        solo = {}
+        for seed in (0, 1):
+            events = []
+            Trainer(TrialConfig.from_dict({**config["trial"], **sampled, "seed": seed})).run(events.append)
+            solo[seed] = events
+    finally:
+        torch.set_num_threads(threads)
+
+    assert "the newer checkpoint is damaged" in caplog.text
+    assert [r["step"] for r in reports] == [8, 12]  # the second stage again, from step 4, then the third
+    runs = {int(r.data.params["seed"]): r for r in client.search_runs([exp], "tags.`provlae.role` = 'trial'")}
+    assert sorted(runs) == [0, 1]
+    for seed, run in runs.items():
+        assert run.info.status == "FINISHED" and run.data.tags[RESUMED_TAG] == "4"
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+        want = {}
+        for event in solo[seed]:
+            if "loss" in event.metrics:
+                want.setdefault(event.step, event.metrics["loss"])  # MLflow keeps a step's first value
+        assert logged == sorted(want.items())  # every step once, the solo trial's values
+
+
 def _in_process(monkeypatch, provlae_home, tmp_path, name: str, trial_id: str):
     """Tune's session calls stubbed for an in-process search_trial: (reports, client, experiment, context)."""
     from ray import tune
