@@ -1,8 +1,9 @@
 """One Tune trial's life, whatever it trains: a grid's solo trial (``Trainer``), a grid's fused group and a
-search's configuration (``FusedTrainer``) all run these steps (sweeps/trainable.py, sweeps/search_trial.py).
+search's configuration (``FusedTrainer``) all run these steps (sweeps/trainable.py,
+sweeps/search_trainable.py).
 
-1. ``Trial.open``: the worker prologue (plug-in folders, torch threads, Ray's log level), then one MLflow
-   run per member (``tracking.TrialRun``: found again by its trial key on a retry or a resume);
+1. ``prologue``: plug-in folders, torch threads, Ray's log level; then ``Trial.open``: one MLflow run per
+   member (``tracking.TrialRun``: found again by its trial key on a retry or a resume);
 2. members whose run finished are not trained again; ``fail_diverged``: a member whose earlier attempt
    diverged fails again at once (the replay from a checkpoint is the same computation);
 3. ``restore``: the newest readable Tune checkpoint, else the one kept before it;
@@ -34,7 +35,8 @@ T = TypeVar("T")
 
 
 def prologue(threads: int, plugin_paths: tuple[str, ...]) -> None:
-    """What every trial does first on its worker."""
+    """What every trial does first on its worker, before it reads its configs (they name plug-ins, which
+    import from ``plugin_paths``)."""
     import torch
 
     plugins.add_paths(list(plugin_paths))  # the trial's config names its plug-ins; they import from here
@@ -50,9 +52,8 @@ class Trial:
     runs: list[TrialRun]
 
     @classmethod
-    def open(cls, tracking: TrackingContext, configs: list[TrialConfig], threads: int,
-             plugin_paths: tuple[str, ...]) -> Trial:
-        prologue(threads, plugin_paths)
+    def open(cls, tracking: TrackingContext, configs: list[TrialConfig]) -> Trial:
+        """Each member's run, found again or made (after the ``prologue``)."""
         trial_id = tune.get_context().get_trial_id()
         return cls(list(configs), [TrialRun.open(tracking, cfg, trial_id) for cfg in configs])
 

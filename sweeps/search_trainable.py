@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from provlae.config import TrialConfig
 from provlae.errors import CheckpointError
 from sweeps import tracking
-from sweeps.lifecycle import Trial, divergence, restore
+from sweeps.lifecycle import Trial, divergence, prologue, restore
 
 if TYPE_CHECKING:
     from provlae.fused import FusedTrainer
@@ -42,8 +42,9 @@ def search_trial(config: dict[str, Any], tracking_ctx: tracking.TrackingContext,
     """
     from sweeps.trainable import trial_config
 
+    prologue(threads, plugin_paths)
     base = trial_config(config)
-    trial = Trial.open(tracking_ctx, [base.with_overrides({"seed": s}) for s in seeds], threads, plugin_paths)
+    trial = Trial.open(tracking_ctx, [base.with_overrides({"seed": s}) for s in seeds])
     live = trial.unfinished()  # finished runs: a resumed search
     diverged = trial.fail_diverged(live)
     if diverged:  # a retry: the replay from the last stage end is the same computation, it would diverge again

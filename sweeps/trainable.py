@@ -18,7 +18,7 @@ from typing import Any
 from ray import tune
 
 from provlae.config import TrialConfig
-from sweeps.lifecycle import Progress, Trial, divergence, restore
+from sweeps.lifecycle import Progress, Trial, divergence, prologue, restore
 from sweeps.tracking import TrackingContext, TrialRun
 
 CHECKPOINT_FILE = "trainer.pt"
@@ -35,8 +35,9 @@ def trial_config(config: dict[str, Any]) -> TrialConfig:
 
 def train_trial(config: dict[str, Any], tracking: TrackingContext, threads: int = 1,
                 plugin_paths: tuple[str, ...] = ()) -> None:
+    prologue(threads, plugin_paths)
     cfg = trial_config(config)
-    trial = Trial.open(tracking, [cfg], threads, plugin_paths)
+    trial = Trial.open(tracking, [cfg])
     run = trial.runs[0]
     if run.finished:  # an earlier attempt finished after Tune last saved its state: don't train again
         tune.report({**run.final_metrics(), "step": cfg.total_steps})
@@ -97,8 +98,9 @@ def train_group(config: dict[str, Any], tracking: TrackingContext, threads: int 
     same key as its solo trial); members finished by an earlier attempt are not trained again, and a member
     that diverged stays failed. A member that diverges now fails alone: the Tune trial goes on and ends
     normally, and the sweep's summary reads each member's outcome from its run."""
+    prologue(threads, plugin_paths)
     cfgs = group_configs(config)
-    trial = Trial.open(tracking, cfgs, threads, plugin_paths)
+    trial = Trial.open(tracking, cfgs)
     todo = trial.unfinished()
     diverged = trial.fail_diverged(todo)
     todo = [i for i in todo if i not in diverged]
