@@ -66,19 +66,19 @@ def run_tune(configs, work: Path) -> tuple[float, float]:
     import ray
 
     from sweeps import tracking
+    from sweeps.cli import SweepOptions
     from sweeps.launch import REPO_ROOT, run_sweep
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     tracking.open_experiment(tracking.client(uri), "overhead")  # a store's tables are made once, not per sweep
-    args = argparse.Namespace(name="overhead", experiment="overhead", tracking_uri=uri,
-                              storage=str(work / "ray"), cpus_per_trial=1.0, gpus_per_trial=0.0, max_failures=0,
-                              max_concurrent=1, address=None, report=False)  # Tune + MLflow alone
+    options = SweepOptions(name="overhead", experiment="overhead", tracking_uri=uri, storage=str(work / "ray"),
+                           max_failures=0, max_concurrent=1, report=False)  # Tune + MLflow alone
     start = time.perf_counter()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
     ray_init_s = time.perf_counter() - start
     with open(work / "sweep.log", "w") as log, contextlib.redirect_stdout(log):
-        status = run_sweep(configs, args, {"benchmark": "sweep_overhead"})
+        status = run_sweep(configs, options, {"benchmark": "sweep_overhead"})
     elapsed = time.perf_counter() - start
     ray.shutdown()
     if status != 0:

@@ -107,9 +107,10 @@ def roots(modules: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def worker_paths(args) -> list[str]:
-    """The folders of a sweep's ``--plugin`` modules (``args.overrides["plugins"]``), for its trainable."""
-    return roots(parse(getattr(args, "overrides", {}).get("plugins")))
+def worker_paths(modules: list[str]) -> list[str]:
+    """The folders of a sweep's plug-in modules (the names in its trials' ``plugins`` field), for its
+    trainable."""
+    return roots(modules)
 
 
 def add_paths(folders: list[str]) -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from provlae import paths, plugins
 from provlae.config import parse_assignments
@@ -73,13 +74,59 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
                         help="validate every trial config, print one line per trial, start nothing")
 
 
-def resolve_common(args: argparse.Namespace, default_name: str) -> None:
-    """Fill defaults that depend on the environment, and check the shared flags."""
-    args.name = args.name or default_name
-    check_names(args.name, args.experiment)
-    args.tracking_uri = args.tracking_uri or paths.default_tracking_uri()
-    if args.storage is None or "://" not in args.storage:
-        args.storage = str(Path(args.storage or paths.default_storage()).expanduser().resolve())
+@dataclass(frozen=True)
+class SweepOptions:
+    """A sweep script's command line, parsed and checked once (``add_sweep_args`` + ``resolve_common``):
+    what the driver, the Tuners and the report read. The grid's own flags have the defaults the search
+    runs with."""
+
+    name: str
+    experiment: str
+    tracking_uri: str
+    storage: str  # an absolute folder, or a URI such as s3://bucket/path
+    overrides: dict[str, Any] = field(default_factory=dict)  # --set, plug-in names and device resolved
+    data: DataFiles | None = None  # --data-dir / --data-file
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    storage_is_shared: bool = False
+    max_failures: int = 2
+    tracking_patience: float = PATIENCE
+    max_concurrent: int | None = None
+    address: str | None = None
+    dry_run: bool = False
+    fuse: int = 1  # full_grid.py: trials per fused group (1: every trial alone, as a solo trainer)
+    fused_kernels: str = "auto"  # full_grid.py: a fused group's kernels
+    report: bool = True  # full_grid.py: the study report at the end
+
+    @property
+    def folder(self) -> str:
+        """The sweep folder: Tune's experiment, the manifest, the lease."""
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+    @property
+    def threads(self) -> int:
+        """Torch threads per trial: its CPUs."""
+        return max(1, int(self.cpus_per_trial))
+
+    @property
+    def plugin_paths(self) -> tuple[str, ...]:
+        """The folders of the ``--plugin`` modules, for the workers (``provlae.plugins.worker_paths``)."""
+        return tuple(plugins.worker_paths(plugins.parse(self.overrides.get("plugins"))))
+
+    @property
+    def resources(self) -> dict[str, float]:
+        return {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial}
+
+
+def resolve_common(args: argparse.Namespace, default_name: str, **own: Any) -> SweepOptions:
+    """The shared flags checked, with the defaults that depend on the environment filled in, and the
+    script's ``own`` flags (the grid's fuse, fused_kernels, report) beside them."""
+    name = args.name or default_name
+    check_names(name, args.experiment)
+    tracking_uri = args.tracking_uri or paths.default_tracking_uri()
+    storage = args.storage
+    if storage is None or "://" not in storage:
+        storage = str(Path(storage or paths.default_storage()).expanduser().resolve())
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
         raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
     if args.max_failures < -1:
@@ -88,14 +135,20 @@ def resolve_common(args: argparse.Namespace, default_name: str) -> None:
         raise ConfigError(f"--tracking-patience must be > 0 seconds, got {args.tracking_patience:g}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
-    args.overrides = parse_assignments(args.overrides)
-    names = plugins.load(plugins.parse(args.overrides.get("plugins")) + args.plugin)
+    overrides = parse_assignments(args.overrides)
+    names = plugins.load(plugins.parse(overrides.get("plugins")) + args.plugin)
     if names:
-        args.overrides["plugins"] = ",".join(names)
-    args.data = DataFiles.from_args(args.data_dir, args.data_file)  # after the plug-ins: their datasets too
-    args.overrides["device"] = trial_device(args.overrides.get("device"), args.gpus_per_trial)
+        overrides["plugins"] = ",".join(names)
+    data = DataFiles.from_args(args.data_dir, args.data_file)  # after the plug-ins: their datasets too
+    overrides["device"] = trial_device(overrides.get("device"), args.gpus_per_trial)
     if not args.dry_run:  # a dry run joins no cluster: the shell's RAY_ADDRESS does not concern it
         check_driver_address(*driver_address(args.address))
+    return SweepOptions(
+        name=name, experiment=args.experiment, tracking_uri=tracking_uri, storage=storage, overrides=overrides,
+        data=data, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        storage_is_shared=args.storage_is_shared, max_failures=args.max_failures,
+        tracking_patience=args.tracking_patience, max_concurrent=args.max_concurrent, address=args.address,
+        dry_run=args.dry_run, **own)
 
 
 def trial_device(device: str | None, gpus_per_trial: float) -> str:

@@ -50,21 +50,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.fuse < 1:
         raise ConfigError(f"--fuse must be >= 1 (trials per fused group), got {args.fuse}")
-    resolve_common(args, default_name=f"full_grid-{args.preset}")
+    options = resolve_common(args, default_name=f"full_grid-{args.preset}", fuse=args.fuse,
+                             fused_kernels=args.fused_kernels, report=args.report)
     configs = grid.build_trials(
         args.preset,
         datasets=grid.parse_list(args.datasets) if args.datasets else None,
         families=grid.parse_list(args.families) if args.families else None,
         betas=grid.parse_betas(args.betas) if args.betas else None,
         seeds=grid.parse_seeds(args.seeds) if args.seeds else None,
-        overrides=args.overrides, data=args.data)
-    if args.dry_run:
+        overrides=options.overrides, data=options.data)
+    if options.dry_run:
         for cfg in configs:
             print(f"{cfg.run_name:<36} steps={cfg.total_steps:<8} batch={cfg.batch_size:<4} "
                   f"z_dim={cfg.z_dim} subset={cfg.subset} device={cfg.device}")
         print(f"trials: {len(configs)}")
-        if args.fuse > 1:
-            groups = make_groups(configs, args.fuse)
+        if options.fuse > 1:
+            groups = make_groups(configs, options.fuse)
             for n, group in enumerate(groups, 1):
                 print(f"group {n} ({len(group)} trials): {', '.join(c.run_name for c in group)}")
             print(f"fused groups: {len(groups)} (Tune trials)")
@@ -75,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                    "families": ",".join(sorted({c.family for c in configs})),
                    "betas": ",".join(f"{b:g}" for b in sorted({c.beta for c in configs})),
                    "seeds": ",".join(str(s) for s in sorted({c.seed for c in configs})),
-                   "overrides": " ".join(f"{k}={v}" for k, v in sorted(args.overrides.items())),
-                   "fuse": args.fuse}
-    return run_sweep(configs, args, description)
+                   "overrides": " ".join(f"{k}={v}" for k, v in sorted(options.overrides.items())),
+                   "fuse": options.fuse}
+    return run_sweep(configs, options, description)
 
 
 if __name__ == "__main__":

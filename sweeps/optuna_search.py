@@ -60,11 +60,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.record import STAGE_END_METRICS
 from provlae import plugins
 from sweeps import grid
-from sweeps.cli import add_sweep_args, registered, resolve_common, run_main
-from sweeps.search import (
+from sweeps.cli import SweepOptions, add_sweep_args, registered, resolve_common, run_main
+from sweeps.search_space import (
+    OBJECTIVES,
     SearchSpec,
     build_spec,
     check_inputs,
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dataset", required=True, help=registered("datasets"))
     parser.add_argument("--trials", type=int, required=True, help="configurations to try (>= 1)")
     parser.add_argument("--objective", default="mig_sup",
-                        help=f"stage-end metric to optimise, the mean over seeds: {', '.join(STAGE_END_METRICS)} "
+                        help=f"stage-end metric to optimise, the mean over seeds: {', '.join(OBJECTIVES)} "
                              f"(default: mig_sup)")
     parser.add_argument("--mode", help="max or min (default: min for recon_error, else max)")
     parser.add_argument("--preset", choices=sorted(grid.PRESETS), default="paper",
@@ -103,23 +103,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_inputs(args.family, args.dataset, args.trials, args.objective, args.mode)  # before they name a folder
-    resolve_common(args, default_name=f"optuna-{args.preset}-{args.family}-{args.dataset}-{args.objective}")
+    options = resolve_common(args, default_name=f"optuna-{args.preset}-{args.family}-{args.dataset}-"
+                                                f"{args.objective}")
     spec = build_spec(args.preset, args.family, args.dataset, args.trials, args.objective, args.mode,
-                      parse_seed_list(args.seeds), args.overrides, sampler_seed=args.sampler_seed,
-                      early_stopping=args.early_stopping, data=args.data)
-    if args.dry_run:
-        print(describe(spec, args))
+                      parse_seed_list(args.seeds), options.overrides, sampler_seed=args.sampler_seed,
+                      early_stopping=args.early_stopping, data=options.data)
+    if options.dry_run:
+        print(describe(spec, options))
         return 0
     from sweeps.search import run_search  # imports Ray: only when the search really runs
 
-    return run_search(spec, args)
+    return run_search(spec, options)
 
 
-def describe(spec: SearchSpec, args: argparse.Namespace) -> str:
+def describe(spec: SearchSpec, options: SweepOptions) -> str:
     base = spec.base
     seeds = ",".join(map(str, spec.seeds))
-    head = (f"search {args.name!r}: {spec.trials} trials of {base.family} on {base.dataset}, at most "
-            f"{args.max_concurrent} at once (TPE, seed {spec.sampler_seed})")
+    head = (f"search {options.name!r}: {spec.trials} trials of {base.family} on {base.dataset}, at most "
+            f"{options.max_concurrent} at once (TPE, seed {spec.sampler_seed})")
     shape = (f"base: {base.num_stages} stage(s) of {base.stage_steps} steps, batch={base.batch_size} "
              f"z_dim={base.z_dim} subset={base.subset} device={base.device}")
     lines = [head, f"objective: {spec.objective} ({spec.mode}), mean over seeds {seeds}", shape, "space:"]

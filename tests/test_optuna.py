@@ -326,6 +326,91 @@ def test_killed_search_resumes_the_study(local_ray, provlae_home, tmp_path):
     assert "6 of 6 trials finished" in rerun.stdout and parent.info.status == "FINISHED"
 
 
+@pytest.mark.slow
+def test_a_search_driver_killed_outright_leaves_runs_that_the_rerun_sets_right(local_ray, provlae_home, tmp_path):
+    """SIGKILL while a configuration trains (no chance to record anything): the rerun marks what the dead
+    driver left RUNNING as KILLED, as the grid's does, and finishes the search in the same runs."""
+    env = {**os.environ, "PROVLAE_HOME": str(provlae_home)}
+    cmd = search_cmd(tmp_path, "orphans", "--family", "beta_vae", "--trials", "1", "--set", "steps_per_stage=200",
+                     "--address", local_ray)
+
+    def running_trial_runs():
+        return [r for r in runs_of(tmp_path, "orphans")[1] if r.info.status == "RUNNING"]
+
+    runs_of(tmp_path, "orphans")  # create the store's tables now: polling must not race the driver doing it
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            servers.wait_for(running_trial_runs, 200, "the trial's run", interval=0.5, proc=proc)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    parent, (trial,) = runs_of(tmp_path, "orphans")
+    assert (parent.info.status, trial.info.status) == ("RUNNING", "RUNNING")
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "2 run(s) of search 'orphans' left RUNNING by a driver that died: marked KILLED" in rerun.stdout
+    parent, trials = runs_of(tmp_path, "orphans")
+    assert [r.info.run_id for r in trials] == [trial.info.run_id]  # the same run, resumed
+    assert trials[0].info.status == "FINISHED" and parent.info.status == "FINISHED"
+    from mlflow import MlflowClient
+
+    steps = [m.step for m in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
+        trial.info.run_id, "loss")]
+    total = spec("beta_vae", objective="recon_error", **{**TINY, "steps_per_stage": 200}).base.total_steps
+    assert sorted(steps) == list(range(TINY["log_every"], total + 1, TINY["log_every"]))  # every step once
+
+
+@pytest.mark.slow
+def test_a_search_end_that_mlflow_cannot_record_is_recorded_by_the_rerun(local_ray, provlae_home, tmp_path,
+                                                                         monkeypatch, capsys):
+    """The tracking server goes away as the Tuner returns: the end waits --tracking-patience for it, then
+    says that the rerun records it (exit 1, no traceback), as the grid's does; the rerun, with the server
+    back, records the best configuration and ends the parent run."""
+    import contextlib
+
+    from ray import tune
+
+    monkeypatch.setenv("PROVLAE_HOME", str(provlae_home))
+    folder, port = tmp_path / "mlflow", servers.free_port()
+    uri = f"http://127.0.0.1:{port}"
+    argv = [*search_cmd(tmp_path, "away", "--family", "beta_vae", "--trials", "1", "--address", local_ray)[2:],
+            "--tracking-uri", uri, "--tracking-patience", "3"]
+    server = contextlib.ExitStack()
+    fit = tune.Tuner.fit
+
+    def fit_then_the_server_goes(self):
+        results = fit(self)
+        server.close()
+        return results
+
+    server.enter_context(servers.mlflow_server(folder, port=port))
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(tune.Tuner, "fit", fit_then_the_server_goes)
+            assert run_main(main, argv) == 1
+    finally:
+        server.close()
+    out = capsys.readouterr().out
+    assert f"The search's end could not be recorded in MLflow at {uri} (" in out
+    assert out.rstrip().endswith("rerun the same command to record it.")
+
+    from mlflow import MlflowClient
+
+    with servers.mlflow_server(folder, port=port):
+        assert run_main(main, argv) == 0
+        out = capsys.readouterr().out
+        assert "1 of 1 trials finished" in out
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("away").experiment_id])
+        (parent,) = [r for r in runs if r.data.tags["provlae.role"] == "sweep"]
+        (trial,) = [r for r in runs if r.data.tags["provlae.role"] == "trial"]
+        assert parent.info.status == "FINISHED" and trial.info.status == "FINISHED"
+        assert parent.data.metrics["best_recon_error"] == trial.data.metrics["recon_error"]
+
+
 def test_a_diverging_seed_fails_the_configuration_and_its_retry_at_once(provlae_home, tmp_path, monkeypatch):
     """beta = 1e39 is inf in the float32 loss: the first member of the group to diverge fails the
     configuration, with every seed's run FAILED, and a retry of it fails at once, training nothing."""
@@ -350,6 +435,70 @@ def test_a_diverging_seed_fails_the_configuration_and_its_retry_at_once(provlae_
     runs = client.search_runs([exp], "tags.`provlae.role` = 'trial'")
     assert len(runs) == 2
     assert all(r.info.status == "FAILED" and r.data.tags["error"].startswith("TrainingDiverged") for r in runs)
+
+def test_a_configuration_resumes_from_the_checkpoint_before_a_damaged_one(provlae_home, tmp_path, monkeypatch,
+                                                                         caplog):
+    """search_trial in-process: its worker is lost after the second stage end; the newest checkpoint is
+    truncated (a full disk), so the retry resumes from the one Tune kept before it (the grid's fallback,
+    sweeps/lifecycle.restore), and each seed's run holds its solo trial's numbers, every step once."""
+    import shutil
+
+    import torch
+    from ray import tune
+
+    from provlae.train import Trainer
+    from sweeps.tracking import RESUMED_TAG
+
+    reports, client, exp, ctx = _in_process(monkeypatch, provlae_home, tmp_path, "fallback", "t0004")
+    sampled = {"beta": 2.0, "gamma": 0.3, "fade_in_steps": 2, "lr": 1e-3}
+    config = {"trial": spec(objective="recon_error", **TINY).base.to_dict(), **sampled}
+    trial = tmp_path / "trial"  # Tune's checkpoint_NNNNNN folders of the trial
+
+    class WorkerLost(BaseException):
+        """The worker's node went away: nothing is recorded, the runs stay RUNNING."""
+
+    def report_and_keep(metrics, checkpoint=None):
+        shutil.copytree(checkpoint.path, trial / f"checkpoint_{len(reports):06d}")
+        reports.append(metrics)
+        if len(reports) == 2:
+            raise WorkerLost
+
+    threads = torch.get_num_threads()
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(tune, "report", report_and_keep)
+            with pytest.raises(WorkerLost):
+                search.search_trial(config, ctx, seeds=[0, 1], objective="recon_error")
+        newest = trial / "checkpoint_000001"
+        members = sorted(newest.glob("*.pt"))
+        assert len(members) == 2
+        for member in members:
+            member.write_bytes(member.read_bytes()[: member.stat().st_size // 2])
+        monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint(str(newest)))
+        reports.clear()
+        search.search_trial(config, ctx, seeds=[0, 1], objective="recon_error")
+        torch.set_num_threads(1)  # what search_trial sets, for the solo runs too
+        solo = {}
+        for seed in (0, 1):
+            events = []
+            Trainer(TrialConfig.from_dict({**config["trial"], **sampled, "seed": seed})).run(events.append)
+            solo[seed] = events
+    finally:
+        torch.set_num_threads(threads)
+
+    assert "the newer checkpoint is damaged" in caplog.text
+    assert [r["step"] for r in reports] == [8, 12]  # the second stage again, from step 4, then the third
+    runs = {int(r.data.params["seed"]): r for r in client.search_runs([exp], "tags.`provlae.role` = 'trial'")}
+    assert sorted(runs) == [0, 1]
+    for seed, run in runs.items():
+        assert run.info.status == "FINISHED" and run.data.tags[RESUMED_TAG] == "4"
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+        want = {}
+        for event in solo[seed]:
+            if "loss" in event.metrics:
+                want.setdefault(event.step, event.metrics["loss"])  # MLflow keeps a step's first value
+        assert logged == sorted(want.items())  # every step once, the solo trial's values
+
 
 def _in_process(monkeypatch, provlae_home, tmp_path, name: str, trial_id: str):
     """Tune's session calls stubbed for an in-process search_trial: (reports, client, experiment, context)."""
