@@ -244,6 +244,19 @@ def best_line(stdout: str) -> dict:
     return json.loads(line[len("best: "):])
 
 
+def run_until_killed(cmd: list[str], env: dict, store: Path, experiment: str, ready, what: str) -> None:
+    """Start the search ``cmd`` and SIGKILL its driver once ``ready()`` (its output in first.log)."""
+    runs_of(store, experiment)  # create the store's tables now: polling must not race the driver doing it
+    with open(store / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            servers.wait_for(ready, 200, what, interval=0.5, proc=proc)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.mark.slow
 def test_smoke_search_tracks_each_trial_and_the_best(local_ray, provlae_home, tmp_path, capsys):
     env = {**os.environ, "PROVLAE_HOME": str(provlae_home)}
@@ -301,17 +314,7 @@ def test_killed_search_resumes_the_study(local_ray, provlae_home, tmp_path):
     def finished_runs():
         return [r for r in runs_of(tmp_path, "resume")[1] if r.info.status == "FINISHED"]
 
-    runs_of(tmp_path, "resume")  # create the store's tables now: polling must not race the driver doing it
-
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            servers.wait_for(lambda: len(finished_runs()) >= 2, 200, "two finished trial runs", interval=0.5,
-                             proc=proc)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    run_until_killed(cmd, env, tmp_path, "resume", lambda: len(finished_runs()) >= 2, "two finished trial runs")
     before = {r.info.run_id: r.info.end_time for r in finished_runs()}
     assert 2 <= len(before) < 6
 
@@ -337,15 +340,7 @@ def test_a_search_driver_killed_outright_leaves_runs_that_the_rerun_sets_right(l
     def running_trial_runs():
         return [r for r in runs_of(tmp_path, "orphans")[1] if r.info.status == "RUNNING"]
 
-    runs_of(tmp_path, "orphans")  # create the store's tables now: polling must not race the driver doing it
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            servers.wait_for(running_trial_runs, 200, "the trial's run", interval=0.5, proc=proc)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    run_until_killed(cmd, env, tmp_path, "orphans", running_trial_runs, "the trial's run")
     parent, (trial,) = runs_of(tmp_path, "orphans")
     assert (parent.info.status, trial.info.status) == ("RUNNING", "RUNNING")
 
