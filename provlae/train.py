@@ -28,16 +28,20 @@ import torch
 
 from provlae import data as datasets
 from provlae.atomic import atomic_path
+from provlae.checkpoint import (
+    CHECKPOINT_VERSION,
+    READABLE_VERSIONS,
+    numpy_state_from_plain,
+    numpy_state_to_plain,
+    read_checkpoint,
+)
 from provlae.config import TrialConfig, config_identity
-from provlae.errors import CheckpointError, ConfigError, TrainingDiverged
+from provlae.errors import ConfigError, TrainingDiverged
 from provlae.evaluate import batches_to_float, disentanglement, encode
 from provlae.figures import information_per_stage, model_figures, stage_figures
 from provlae.models import LadderVAE, build_family
 from provlae.models.ladder import check_image_shape
-from provlae.text import first_line
 
-CHECKPOINT_VERSION = 2  # 2: only tensors and plain values (loaded with weights_only=True); 1: numpy RNG state
-READABLE_VERSIONS = (1, 2)
 PARAM_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}
 
 
@@ -134,51 +138,6 @@ def check_data(cfg: TrialConfig) -> None:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the dataset ({min(n, cfg.subset or n)} "
                           f"images)")
     check_image_shape(shape, cfg.levels)
-
-
-def read_checkpoint(path: str | Path, device) -> dict:
-    """A checkpoint's state, unpickled with ``weights_only=True``: tensors and plain values only, so a file
-    planted where a checkpoint is looked for cannot run code. Version 1 files also hold numpy's RNG state
-    as an array (numpy's array reconstruction allowed, nothing else)."""
-    import pickle
-    import zipfile
-
-    try:
-        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
-            return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"checkpoint {path} holds more than tensors and plain values: refused without "
-                              f"running it ({first_line(e, type(e).__name__, limit=200)})") from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): "
-                          f"{type(e).__name__}: {str(e)[:200]}") from None
-
-
-def _numpy_globals() -> list:
-    """What unpickling a plain numpy array needs (numpy's own reconstruction; no code of the file's)."""
-    try:
-        from numpy._core import multiarray  # numpy >= 2
-    except ImportError:
-        from numpy.core import multiarray
-    found = [np.ndarray, np.dtype, multiarray._reconstruct]
-    found += [type(np.dtype(t)) for t in ("uint32", "int64", "float64")]
-    return found
-
-
-_NUMPY_ARRAY_GLOBALS = _numpy_globals()
-
-
-def _numpy_state_to_plain(state: tuple) -> dict:
-    name, keys, pos, has_gauss, cached = state
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
-
-
-def _numpy_state_from_plain(state) -> tuple:
-    if isinstance(state, tuple):  # version 1
-        return state
-    keys = state["keys"].cpu().numpy().astype(np.uint32)
-    return state["name"], keys, state["pos"], state["has_gauss"], state["cached"]
 
 
 class Trainer:
@@ -421,7 +380,7 @@ class Trainer:
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": _numpy_state_to_plain(np.random.get_state()),
+                "numpy": numpy_state_to_plain(np.random.get_state()),
                 "python": random.getstate(),
                 "batches": self.batch_gen.get_state(),
                 "noise": self.noise_gen.get_state(),
@@ -460,7 +419,7 @@ class Trainer:
         torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-        np.random.set_state(_numpy_state_from_plain(rng["numpy"]))
+        np.random.set_state(numpy_state_from_plain(rng["numpy"]))
         random.setstate(rng["python"])
         self.batch_gen.set_state(rng["batches"].cpu())
         if state.get("device_type", "cpu") == self.device.type:

@@ -54,6 +54,51 @@ def history(store: Path, run_id: str, key: str) -> list[int]:
     return [m.step for m in client(store).get_metric_history(run_id, key)]
 
 
+# A finished smoke sweep (vlae) as the code before the sweep layer was written once left it: its sweep folder
+# (Tune's state, the manifest) and its MLflow store; the trial's checkpoint file emptied (a finished trial's
+# is never read) and the report left out (written again). Both name absolute paths, so it is unpacked where
+# it was written.
+OLD_SWEEP = ROOT / "tests" / "data" / "sweep_v0.tar.gz"
+OLD_AT = Path("/tmp/provlae-v0-sweep")
+
+
+def test_a_sweep_and_store_written_before_resume_and_analyse_unchanged(local_ray, capsys):
+    import shutil
+    import tarfile
+
+    from mlflow import MlflowClient
+
+    from analysis import load_runs
+
+    shutil.rmtree(OLD_AT, ignore_errors=True)
+    with tarfile.open(OLD_SWEEP) as tar:
+        tar.extractall(OLD_AT.parent, filter="data")
+    uri = f"sqlite:///{OLD_AT / 'mlflow.db'}"
+
+    def trial_runs() -> dict:
+        exp = MlflowClient(uri).get_experiment_by_name("v0")
+        runs = MlflowClient(uri).search_runs([exp.experiment_id], "tags.`provlae.role` = 'trial'")
+        return {r.info.run_id: (r.info.run_name, r.info.status, r.info.end_time, r.data.metrics, r.data.params)
+                for r in runs}
+
+    before = trial_runs()
+    assert [v[:2] for v in before.values()] == [("vlae-dsprites-b1-s0", "FINISHED")]
+    args = ["--preset", "smoke", "--families", "vlae", "--name", "v0", "--experiment", "v0", "--tracking-uri", uri,
+            "--storage", str(OLD_AT / "ray")]
+    try:
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        assert "resuming sweep 'v0'" in out and "\nvlae-dsprites-b1-s0 " in out
+        assert trial_runs() == before  # nothing trained or logged again
+        table = load_runs("v0", tracking_uri=uri)
+        (run_id,) = before
+        assert list(table.run_id) == [run_id] and table.family.tolist() == ["vlae"]
+        assert table.mig.iloc[0] == before[run_id][3]["mig"] and table.beta.iloc[0] == 1.0
+        assert (OLD_AT / "ray" / "v0" / "report" / "index.html").is_file()
+    finally:
+        shutil.rmtree(OLD_AT, ignore_errors=True)
+
+
 def test_trainable_pickles(local_ray):
     from ray import cloudpickle, tune
 
