@@ -34,12 +34,13 @@ demo: $(STAMP)
 	@$(BIN)/python -c "from sweeps.launch import report_lines; \
 	print(*report_lines('demo', 'demo'), sep='\n')"
 
-# Two workers, each taking whole test files (a file's servers and trained models are set up once).
+# Two workers: a file that starts servers runs whole on one of them (tests/conftest.py), the other tests
+# are shared out one by one.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 -m "not slow"
 
 bench-quick: $(STAMP)
 	for b in benchmarks/*.py; do case $$b in */_*) continue;; esac; $(BIN)/python $$b --quick || exit 1; done

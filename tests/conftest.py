@@ -24,9 +24,17 @@ def pytest_configure(config) -> None:
 
 
 def pytest_collection_modifyitems(items) -> None:
+    """``slow`` on every test that uses a server fixture. With parallel workers (``--dist loadgroup``) a
+    file with such a test runs whole on one worker (its module's servers start once, its tests keep their
+    order); the other files' tests spread over the workers one by one."""
+    serving = set()
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+            serving.add(item.path)
+    for item in items:
+        if item.path in serving:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 @pytest.fixture(scope="session")
