@@ -159,6 +159,8 @@ import json, sys
 from pathlib import Path
 from provlae.config import TrialConfig
 from provlae.fused import FusedTrainer
+import torch
+torch.set_num_threads(int(sys.argv[4]))  # the test's own count: a reduction's order follows it
 cfgs = [TrialConfig.from_dict(c) for c in json.loads(Path(sys.argv[1]).read_text())]
 folder = Path(sys.argv[2])
 fz = FusedTrainer(cfgs, kernels="batched")
@@ -178,7 +180,7 @@ def test_group_resumes_after_sigkill_with_the_same_numbers(tmp_path):
     (tmp_path / "cfgs.json").write_text(json.dumps([c.to_dict() for c in cfgs]))
     (tmp_path / "run.py").write_text(GROUP_SCRIPT)
     args = [sys.executable, str(tmp_path / "run.py"), str(tmp_path / "cfgs.json"), str(tmp_path / "ckpt"),
-            str(tmp_path / "finals.json")]
+            str(tmp_path / "finals.json"), str(torch.get_num_threads())]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
