@@ -10,6 +10,14 @@ from pathlib import Path
 import pytest
 import servers  # tests/ is on sys.path (pytest's rootdir conftest)
 
+# Parallel workers (``-n``) share the cores: each worker's torch, and every process it starts (a CLI
+# training, a sweep driver), takes its share of threads instead of all of them. Oversubscribed OpenMP
+# threads spin against each other and slow every test down. Set before any test module imports torch;
+# tests that compare a run in this process with one in a child process then use the same count.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 
 # Fixtures that start a Ray node, an MLflow server or the local service: a test using one is ``slow``.
 SERVER_FIXTURES = frozenset({"mlflow_server", "ray_head", "local_ray", "service", "head", "cluster",
@@ -26,7 +34,10 @@ def pytest_configure(config) -> None:
 def pytest_collection_modifyitems(items) -> None:
     """``slow`` on every test that uses a server fixture. With parallel workers (``--dist loadgroup``) a
     file with such a test runs whole on one worker (its module's servers start once, its tests keep their
-    order); the other files' tests spread over the workers one by one."""
+    order); the other files' tests spread over the workers one by one.
+
+    The files that start servers run first, the others after: workers are handed files in this order, so
+    the long ones are shared out while the short ones are left to even out the workers' ends."""
     serving = set()
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
@@ -35,6 +46,7 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if item.path in serving:
             item.add_marker(pytest.mark.xdist_group(item.path.name))
+    items.sort(key=lambda item: item.path not in serving)  # stable: each file keeps its order
 
 
 @pytest.fixture(scope="session")

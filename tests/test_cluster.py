@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import smoke
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -424,7 +425,7 @@ def test_smoke_sweep_submitted_as_a_job_lands_in_the_mlflow_server(service):
     ray_cli = Path(sys.executable).parent / "ray"
     submit = subprocess.run(
         [str(ray_cli), "job", "submit", "--working-dir", str(REPO), "--",
-         "python", "sweeps/full_grid.py", "--preset", "smoke", "--experiment", experiment],
+         "python", "sweeps/full_grid.py", "--preset", "smoke", "--experiment", experiment, *smoke.quick_args()],
         env=service.client_env(), cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert submit.returncode == 0, f"job failed:\n{submit.stdout[-6000:]}\n{submit.stderr[-3000:]}"
 

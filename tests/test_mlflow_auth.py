@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import servers
+import smoke
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = ("admin", "admin-pass-8c1f")
@@ -41,7 +42,7 @@ def _sweep(url, tmp_path, provlae_home, credentials):
         env.update(MLFLOW_TRACKING_USERNAME=credentials[0], MLFLOW_TRACKING_PASSWORD=credentials[1])
     cmd = [sys.executable, "sweeps/full_grid.py", "--preset", "smoke", "--families", "vlae",
            "--experiment", "auth", "--name", "auth-smoke", "--tracking-uri", url,
-           "--storage", str(tmp_path / "ray")]
+           "--storage", str(tmp_path / "ray"), *smoke.quick_args()]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
 
 

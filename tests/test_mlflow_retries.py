@@ -15,6 +15,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Metric, ViewType
 from proxy import lossy_proxy
+from smoke import quick, quick_args
 
 from sweeps import grid, tracking
 
@@ -28,7 +29,7 @@ def test_retried_creates_leave_one_parent_and_one_run_per_trial(mlflow_server, t
                                                                 check_sweep_runs):
     sweep, experiment = "retried", "retries"
     configs = {c.run_name: c for c in grid.build_trials("smoke", families=["pro_vlae"], seeds=[0, 1],
-                                                        overrides={"device": "cpu"})}
+                                                        overrides=quick({"device": "cpu"}))}
     first, second = sorted(configs)
     drop = {sweep: 2, first: 1, second: 2}  # 504s answered per run name: each leaves a ghost
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -37,7 +38,7 @@ def test_retried_creates_leave_one_parent_and_one_run_per_trial(mlflow_server, t
     with lossy_proxy(mlflow_server, drop) as proxy:
         cmd = [sys.executable, "sweeps/full_grid.py", "--preset", "smoke", "--families", "pro_vlae",
                "--seeds", "2", "--set", "device=cpu", "--tracking-uri", proxy.url, "--experiment", experiment,
-               "--name", sweep, "--storage", str(tmp_path / "ray"), "--no-report"]
+               "--name", sweep, "--storage", str(tmp_path / "ray"), "--no-report", *quick_args()]
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                              check=False)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

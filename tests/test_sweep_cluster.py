@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import servers
+import smoke
 
 from sweeps import grid
 
@@ -21,11 +22,11 @@ def test_job_submit_smoke_sweep(ray_head, mlflow_server, provlae_home, check_swe
     runtime_env = {"env_vars": {"PROVLAE_HOME": str(provlae_home)}}  # one dataset cache per node
     cmd = [str(servers.BIN / "ray"), "job", "submit", "--address", ray_head.dashboard_url, "--working-dir", ".",
            "--runtime-env-json", json.dumps(runtime_env), "--",
-           "python", "sweeps/full_grid.py", "--preset", "smoke", "--tracking-uri", mlflow_server]
+           "python", "sweeps/full_grid.py", "--preset", "smoke", "--tracking-uri", mlflow_server, *smoke.quick_args()]
     out = subprocess.run(cmd, cwd=ROOT, env=ray_head.env, capture_output=True, text=True, timeout=420)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "succeeded" in out.stdout + out.stderr
-    configs = {c.run_name: c for c in grid.build_trials("smoke", overrides={"device": "cpu"})}
+    configs = {c.run_name: c for c in grid.build_trials("smoke", overrides=smoke.quick({"device": "cpu"}))}
     check_sweep_runs(mlflow_server, "provlae", "full_grid-smoke", configs)
     # the job ran on the cluster: results under the job's PROVLAE_HOME, nothing in the working tree
     assert (provlae_home / "ray_results" / "full_grid-smoke" / "provlae_sweep.json").exists()

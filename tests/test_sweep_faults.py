@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import servers
+import smoke
 
 from provlae.errors import ConfigError
 from provlae.train import read_checkpoint
@@ -29,7 +30,7 @@ from sweeps.tracking import RESUMED_TAG
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-LONG = {"steps_per_stage": 60, "checkpoint_every": 10}  # long enough to be stopped mid-stage
+LONG = smoke.quick({"steps_per_stage": 60, "checkpoint_every": 10})  # long enough to be stopped mid-stage
 OUTAGE = 45  # seconds the tracking server is away while a trial waits for it (more than 40)
 
 

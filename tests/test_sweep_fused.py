@@ -14,8 +14,10 @@ from sweeps.tracking import TrackingContext
 from sweeps.trainable import train_group
 
 pytestmark = pytest.mark.slow
-GRID = ["--families", "pro_vlae,teacher_student", "--betas", "1,4", "--seeds", "2"]
-FLOAT64 = ["--set", "dtype=float64"]
+GRID = ["--families", "pro_vlae,teacher_student", "--betas", "1,4"]  # 4 trials, members differing in beta
+# float64: the fused and solo numbers agree to 1e-7. Batches of 8 and metrics on 200 of the 1,000 images: float64
+# convolutions take a CPU's slow reference kernels, and the comparison holds at any size.
+FLOAT64 = ["--set", "dtype=float64", "--set", "eval_subset=200", "--set", "batch_size=8"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def uri(store: Path) -> str:
 
 def expected(**overrides) -> dict:
     configs = grid.build_trials("smoke", families=["pro_vlae", "teacher_student"], betas=[1.0, 4.0],
-                                seeds=[0, 1], overrides={"device": "cpu", **overrides})
+                                seeds=[0], overrides={"device": "cpu", **overrides})
     return {c.run_name: c for c in configs}
 
 
@@ -56,17 +58,17 @@ def test_group_trainable_pickles(local_ray):
 
 
 def test_fused_sweep_records_what_the_solo_sweep_does(local_ray, store, capsys, check_sweep_runs):
-    want = expected(dtype="float64")
+    want = expected(dtype="float64", eval_subset="200", batch_size="8")
     assert main(sweep_args(store, "solo", *GRID, *FLOAT64)) == 0
     solo = check_sweep_runs(uri(store), "fused", "solo", want)
-    fused_args = sweep_args(store, "fused4", *GRID, *FLOAT64, "--fuse", "4", "--fused-kernels", "batched")
+    fused_args = sweep_args(store, "fused2", *GRID, *FLOAT64, "--fuse", "2", "--fused-kernels", "batched")
     assert main(fused_args) == 0
     out = capsys.readouterr().out
     for name in want:  # the summary is per trial, not per group
         assert f"\n{name} " in out
-    fused = check_sweep_runs(uri(store), "fused", "fused4", want)
+    fused = check_sweep_runs(uri(store), "fused", "fused2", want)
     trial_ids = {r.data.tags["ray_trial_id"] for r in fused.values()}
-    assert len(trial_ids) == 2  # two Tune trials: one group per family, four members each
+    assert len(trial_ids) == 2  # two Tune trials: one group per family, two members each
     for name in want:
         a, b = histories(solo[name].info.run_id, store), histories(fused[name].info.run_id, store)
         assert a.keys() == b.keys(), name
@@ -77,12 +79,12 @@ def test_fused_sweep_records_what_the_solo_sweep_does(local_ray, store, capsys, 
 
     # The same command again: restored, nothing trained or logged twice.
     assert main(fused_args) == 0
-    assert "resuming sweep 'fused4'" in capsys.readouterr().out
-    again = check_sweep_runs(uri(store), "fused", "fused4", want)
+    assert "resuming sweep 'fused2'" in capsys.readouterr().out
+    again = check_sweep_runs(uri(store), "fused", "fused2", want)
     assert {n: r.info.end_time for n, r in again.items()} == {n: r.info.end_time for n, r in fused.items()}
     # ... and the folder refuses another grouping rather than mixing two
-    assert run_main(main, sweep_args(store, "fused4", *GRID, *FLOAT64, "--fuse", "2")) == 2
-    assert "was started with --fuse 4" in capsys.readouterr().err
+    assert run_main(main, sweep_args(store, "fused2", *GRID, *FLOAT64, "--fuse", "4")) == 2
+    assert "was started with --fuse 2" in capsys.readouterr().err
 
 
 def test_a_diverging_member_fails_alone(local_ray, store, capsys, check_sweep_runs):

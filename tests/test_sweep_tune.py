@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import servers
+import smoke
 
 from sweeps import grid
 from sweeps.full_grid import main
@@ -35,12 +36,13 @@ def store(tmp_path_factory) -> Path:
 
 def sweep_args(store: Path, name: str, *extra: str) -> list[str]:
     return ["--preset", "smoke", "--name", name, "--experiment", name,
-            "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}", "--storage", str(store / "ray"), *extra]
+            "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}", "--storage", str(store / "ray"),
+            *smoke.quick_args(), *extra]
 
 
 def trials(overrides: dict | None = None, **axes) -> dict:
     """run name -> config of the smoke trials, as full_grid.py resolves them on a CPU-only sweep."""
-    overrides = {"device": "cpu", **(overrides or {})}
+    overrides = smoke.quick({"device": "cpu", **(overrides or {})})
     return {c.run_name: c for c in grid.build_trials("smoke", overrides=overrides, **axes)}
 
 

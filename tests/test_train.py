@@ -18,7 +18,7 @@ from provlae.train import Event, Trainer, check_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="dsprites", subset=600, steps_per_stage=8, batch_size=16, log_every=4, fade_in_steps=4,
-            mi_samples=200, factor_train_votes=60, factor_eval_votes=40)
+            mi_samples=200, factor_train_votes=60, factor_eval_votes=40, eval_subset=200)
 
 
 def tiny(**kw) -> TrialConfig:
@@ -154,7 +154,7 @@ def test_cli_writes_result_and_figures(tmp_path):
 
 
 def test_cli_resumes_after_sigkill_with_identical_metrics(tmp_path):
-    args = sets({**TINY, "family": "pro_vlae", "steps_per_stage": 40, "checkpoint_every": 7, "log_every": 1})
+    args = sets({**TINY, "family": "pro_vlae", "steps_per_stage": 20, "checkpoint_every": 7, "log_every": 1})
     ref = cli(["train", *args, "--out", str(tmp_path / "ref")], tmp_path)
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import servers
+import smoke
 
 from sweeps import grid
 from sweeps.tracking import RESUMED_TAG
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = {"steps_per_stage": "40", "checkpoint_every": "5"}
+STEPS = smoke.quick({"steps_per_stage": "40", "checkpoint_every": "5"})
 
 
 @pytest.fixture(scope="module")
