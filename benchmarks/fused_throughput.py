@@ -37,10 +37,11 @@ import torch
 
 from provlae import data
 from provlae.config import TrialConfig
+from provlae.device import resolve_device
 from provlae.errors import ConfigError
 from provlae.fused import KERNELS, FusedTrainer, resolve_kernels
 from provlae.models.families import family_names
-from provlae.train import Trainer, resolve_device
+from provlae.train import Trainer
 
 PAPER_BATCH = 128  # the paper's dSprites batch (sweeps/grid.py PRESETS["paper"])
 CPU_SUBSET = 4096  # images on a CPU (the full set on CUDA); a step's cost does not depend on the set's size

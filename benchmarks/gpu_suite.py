@@ -60,10 +60,11 @@ import torch
 from provlae import data
 from provlae import train as train_module
 from provlae.config import TrialConfig
+from provlae.device import images_tensor, resolve_device
 from provlae.evaluate import columns_in_use
 from provlae.fused import FusedTrainer, make_groups
 from provlae.text import first_line
-from provlae.train import Trainer, images_tensor, resolve_device
+from provlae.train import Trainer
 from sweeps.grid import build_trials, dataset_size
 
 START = time.perf_counter()

@@ -19,10 +19,11 @@ import torch
 
 from provlae import data
 from provlae.config import TrialConfig
+from provlae.device import images_tensor, resolve_device
 from provlae.fused import FusedTrainer
 from provlae.models import LadderVAE, build_family
 from provlae.models.families import bernoulli_nll, gaussian_kl
-from provlae.train import Trainer, images_tensor, resolve_device
+from provlae.train import Trainer
 
 
 def bare_loop(cfg: TrialConfig, ds, steps: int) -> float:

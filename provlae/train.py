@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import random
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from provlae.checkpoint import (
     read_checkpoint,
 )
 from provlae.config import TrialConfig, config_identity
+from provlae.device import check_precision, images_tensor, resolve_device, set_tf32
 from provlae.errors import ConfigError, TrainingDiverged
 from provlae.evaluate import batches_to_float, disentanglement, encode
 from provlae.figures import information_per_stage, model_figures, stage_figures
@@ -51,72 +51,6 @@ class Event:
     step: int  # global steps completed
     stage: int
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but no CUDA device is available")
-    return torch.device(name)
-
-
-def check_precision(cfg: TrialConfig, device: torch.device) -> None:
-    """Refuse a dtype the device cannot run, before anything is built."""
-    if cfg.dtype != "bfloat16":
-        return
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"dtype bfloat16: {torch.cuda.get_device_name(device)} does not support it")
-    if device.type == "cpu" and not _cpu_has_bf16():
-        raise ConfigError("dtype bfloat16: this CPU has no bfloat16 support (AVX512-BF16 or AMX); "
-                          "use float32, or a GPU")
-
-
-def _cpu_has_bf16() -> bool:
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check and check())
-
-
-def set_tf32(enabled: bool) -> None:
-    """TF32 for CUDA matmuls and convolutions, on or off explicitly (the process-wide switch)."""
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
-
-
-_DEVICE_IMAGES: dict[tuple, tuple[np.ndarray, torch.Tensor]] = {}  # one device copy of a dataset per process
-
-
-def images_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The uint8 (N,H,W,C) images as a tensor: zero-copy over the (memory-mapped) array on CPU, the
-    whole set resident on the GPU otherwise (batches are then indexed there). On a GPU the copy is kept
-    per process and shared by every trainer over the same array (fused members, reused Tune actors)."""
-    with warnings.catch_warnings():  # read-only memory map: the trainer never writes to it
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(images)
-    if device.type == "cpu":
-        return t
-    key = (_array_identity(images), str(device))
-    if key not in _DEVICE_IMAGES:
-        _DEVICE_IMAGES.clear()  # a new dataset replaces the last one (a reused actor's next trial)
-        check_device_memory(device, t.numel() * t.element_size(), "the dataset's images")
-        _DEVICE_IMAGES[key] = (images, t.to(device))  # the array is kept: its id stays unique
-    return _DEVICE_IMAGES[key][1]
-
-
-def _array_identity(images: np.ndarray) -> tuple:
-    """What names an image array: its memory-mapped file (the cache), else the array object itself."""
-    filename = getattr(images, "filename", None) or getattr(getattr(images, "base", None), "filename", None)
-    return (str(filename), images.shape) if filename else (id(images), images.shape)
-
-
-def check_device_memory(device: torch.device, nbytes: int, what: str, headroom: float = 1.1) -> None:
-    """ConfigError naming ``what`` unless ``nbytes`` (plus 10%) fits in the device's free memory."""
-    if device.type != "cuda":
-        return
-    free, total = torch.cuda.mem_get_info(device)
-    if nbytes * headroom > free:
-        raise ConfigError(f"{what} ({nbytes / 2**30:.2f} GiB) do not fit on {device} "
-                          f"({free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB)")
 
 
 def check_data(cfg: TrialConfig) -> None:

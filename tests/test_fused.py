@@ -221,12 +221,12 @@ def test_groups_are_formed_only_from_compatible_trials():
 
 def test_bad_precision_settings_are_refused(monkeypatch, capsys):
     from provlae import __main__ as cli
-    from provlae import train
+    from provlae import device
 
     for field, value, message in (("dtype", "float16", "unknown dtype"), ("compile", "yes", "unknown compile")):
         with pytest.raises(ConfigError, match=message):
             TrialConfig.from_dict({**BASE, field: value})
-    monkeypatch.setattr(train, "_cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(device, "_cpu_has_bf16", lambda: False)
     with pytest.raises(ConfigError, match="no bfloat16 support"):
         Trainer(TrialConfig.from_dict({**BASE, "dtype": "bfloat16"}))
     code = cli.main(["train", "--set", "dtype=bfloat16", "--set", "device=cpu", "--set", "subset=400",

@@ -109,9 +109,9 @@ def test_bad_fuse_is_refused_before_anything_starts(store, capsys):
 
 
 def test_bfloat16_on_a_cpu_without_it_is_refused_before_anything_starts(store, capsys, monkeypatch):
-    from provlae import train
+    from provlae import device
 
-    monkeypatch.setattr(train, "_cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(device, "_cpu_has_bf16", lambda: False)
     args = sweep_args(store, "fused-bf16", "--fuse", "2", "--set", "dtype=bfloat16")
     assert run_main(main, args) == 2
     assert capsys.readouterr().err.strip().startswith("error: dtype bfloat16: this CPU has no bfloat16")

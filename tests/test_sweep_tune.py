@@ -273,7 +273,8 @@ def test_the_sweeps_local_ray_refuses_a_driver_without_the_token(local_ray, tmp_
              "print('JOINED', ray.cluster_resources()['CPU'])\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS",
                                                              "RAY_AUTH_MODE")}
-    no_token = {**env, "HOME": str(tmp_path)}  # a home of its own: no ~/.ray/auth_token
+    # a home of its own: no ~/.ray/auth_token; a refused driver gives up after 3 tries (Ray's default: 20)
+    no_token = {**env, "HOME": str(tmp_path), "RAY_gcs_server_port_wait_time_s": "3"}
     for case in (no_token, {**no_token, "RAY_AUTH_MODE": "token"},
                  {**no_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}):
         out = subprocess.run([sys.executable, "-c", probe], env=case, capture_output=True, text=True, timeout=120)
