@@ -19,6 +19,11 @@ if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 
+# The files that take longest (measured), handed to the workers first; then the other files that start
+# servers, then the rest.
+LONGEST_FIRST = ("test_sweep_faults.py", "test_two_nodes.py", "test_optuna.py", "test_sweep_tune.py",
+                 "test_sweep_fused.py")
+
 # Fixtures that start a Ray node, an MLflow server or the local service: a test using one is ``slow``.
 SERVER_FIXTURES = frozenset({"mlflow_server", "ray_head", "local_ray", "service", "head", "cluster",
                              "auth_server"})
@@ -36,8 +41,9 @@ def pytest_collection_modifyitems(items) -> None:
     file with such a test runs whole on one worker (its module's servers start once, its tests keep their
     order); the other files' tests spread over the workers one by one.
 
-    The files that start servers run first, the others after: workers are handed files in this order, so
-    the long ones are shared out while the short ones are left to even out the workers' ends."""
+    Workers are handed files in collection order, so it is made longest first (``LONGEST_FIRST``, then the
+    other files that start servers, then the rest): the long ones are shared out while the short ones are
+    left to even out the workers' ends."""
     serving = set()
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
@@ -46,7 +52,9 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if item.path in serving:
             item.add_marker(pytest.mark.xdist_group(item.path.name))
-    items.sort(key=lambda item: item.path not in serving)  # stable: each file keeps its order
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    # stable: each file keeps its tests' order
+    items.sort(key=lambda item: (item.path not in serving, rank.get(item.path.name, len(rank))))
 
 
 @pytest.fixture(scope="session")
@@ -103,6 +111,7 @@ def _check_sweep_runs(tracking_uri: str, experiment: str, sweep: str, configs: d
     """``configs``: run name -> TrialConfig of every trial; ``failed``: the run names expected to fail."""
     from mlflow import MlflowClient
 
+    from analysis import record
     from provlae.config import TrialConfig
 
     client = MlflowClient(tracking_uri)
@@ -137,4 +146,6 @@ def _check_sweep_runs(tracking_uri: str, experiment: str, sweep: str, configs: d
         for s in range(cfg.num_stages):  # the paper's figures at every stage end
             stage = {a.path for a in client.list_artifacts(run.info.run_id, f"figures/stage{s}")}
             assert stage == {f"figures/stage{s}/information.png", f"figures/stage{s}/traversal.png"}, stage
+        stored = {a.path for a in client.list_artifacts(run.info.run_id, record.REPRESENTATION_DIR)}
+        assert stored == {record.representation_path(s) for s in range(cfg.num_stages)}, stored
     return {r.info.run_name: r for r in children}

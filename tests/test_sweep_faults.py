@@ -211,9 +211,9 @@ def test_the_tracking_server_away(local_ray, store, check_sweep_runs, tmp_path):
     port = servers.free_port()
     uri = f"http://127.0.0.1:{port}"
     name = "outage"
-    cmd = sweep_cmd(store, name, *long_args(steps_per_stage=40), "--address", local_ray, "--max-failures", "0",
+    cmd = sweep_cmd(store, name, *long_args(steps_per_stage=25), "--address", local_ray, "--max-failures", "0",
                     uri=uri)
-    cfg = the_trial(steps_per_stage=40)
+    cfg = the_trial(steps_per_stage=25)
     with servers.mlflow_server(folder, port=port):
         with open(store / f"{name}-1.log", "w") as log:
             first = subprocess.Popen([*cmd, "--tracking-patience", "8"], cwd=ROOT, stdout=log,
