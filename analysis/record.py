@@ -11,6 +11,8 @@
   rule (``provlae.config.coerce_field``).
 - metrics: the stage-end metrics the trainer reports (``STAGE_END_METRICS``), which need ground-truth
   factors, and which are better lower.
+- artifacts: a trial's stage-end figures under ``figures/stage<s>/`` and its stage-end representation,
+  ``representation_path(s)`` (``provlae.representation``), from which metrics are computed later.
 
 Pure Python: runs are read by attribute (``run.info``, ``run.data``), MLflow is never imported here.
 """
@@ -46,6 +48,16 @@ TRAINING_KIND = "custom_model_development"  # MLflow 3's kind for model training
 STAGE_END_METRICS = ("mig", "mig_sup", "factor_score", "recon_error", "mi_total", "mi_over", "active_units")
 NEED_FACTORS = frozenset({"mig", "mig_sup", "factor_score", "active_units"})  # logged only with ground truth
 LOWER_IS_BETTER = frozenset({"recon_error", "loss", "recon"})  # the rest: higher is better
+
+
+# ------------------------------------------------------------------------------------- artifacts
+
+REPRESENTATION_DIR = "representation"
+
+
+def representation_path(stage: int) -> str:
+    """The artifact path of a trial's representation at the end of ``stage``."""
+    return f"{REPRESENTATION_DIR}/stage{stage}.npz"
 
 
 def default_mode(metric: str) -> str:

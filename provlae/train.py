@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from provlae import data as datasets
+from provlae import representation
 from provlae.atomic import atomic_path
 from provlae.checkpoint import (
     CHECKPOINT_VERSION,
@@ -263,6 +264,7 @@ class Trainer:
                      self.data.pixel_scale, index.to(self.images.device), self.device,
                      seed=cfg.seed + 1000 * self.stage)
         factors = np.asarray(self.data.factors)[index.numpy()]
+        self._encoding = (enc, index.numpy(), factors)  # for write_representation at this stage end
         exclude = () if cfg.include_shape else datasets.DATASETS[cfg.dataset].optional_factors
         return disentanglement(enc, factors, tuple(self.data.factor_sizes), exclude_factors=exclude,
                                mi_samples=cfg.mi_samples, train_votes=cfg.factor_train_votes,
@@ -278,6 +280,22 @@ class Trainer:
         """The paper's Fig. 5 panel and Fig. 4 traversal of the stage just ended, into
         ``out_dir/stage<s>/``: call it on a ``stage_end`` event."""
         return self._stage_figures(Path(out_dir) / f"stage{self.history[-1]['stage']}")
+
+    def write_representation(self, out_dir: str | Path) -> Path:
+        """The stage just ended, as ``out_dir/stage<s>.npz`` (``provlae.representation``): call it on a
+        ``stage_end`` event."""
+        enc, index, factors = self._encoding
+        rows = representation.stored_rows(len(index), self.cfg.data_seed)
+        in_use, level = np.zeros(enc.mu.shape[1], dtype=bool), np.zeros(enc.mu.shape[1], dtype=np.int64)
+        in_use[enc.in_use] = True
+        for columns, lid in zip(enc.levels, enc.level_ids):
+            level[columns] = lid
+        last = self.history[-1]
+        rep = representation.Representation(
+            stage=last["stage"], step=last["step"], mu=enc.mu[rows], logvar=enc.logvar[rows], index=index[rows],
+            factors=np.asarray(factors)[rows], in_use=in_use, level=level,
+            kl=representation.kl_per_latent(enc.mu[rows], enc.logvar[rows]))
+        return representation.write(Path(out_dir) / f"stage{last['stage']}.npz", rep)
 
     def write_figures(self, out_dir: str | Path) -> list[Path]:
         """The trained model's figures into ``out_dir``: the last stage's Fig. 5 panel and Fig. 4 traversal,

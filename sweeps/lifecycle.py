@@ -93,10 +93,14 @@ class Trial:
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
 
     def stage_figures(self, i: int, trainer) -> None:
-        """The figures of the stage the trainer just ended into member i's run (``figures/stage<s>/``)."""
+        """What the trainer stores of the stage it just ended, into member i's run: the paper's figures
+        (``figures/stage<s>/``) and the representation (``representation/stage<s>.npz``)."""
         with tempfile.TemporaryDirectory(prefix="provlae-figures-") as folder:
             trainer.write_stage_figures(folder)
             self.runs[i].log_figures(Path(folder))
+        with tempfile.TemporaryDirectory(prefix="provlae-representation-") as folder:
+            trainer.write_representation(folder)
+            self.runs[i].log_representation(Path(folder))
 
     def finish(self, i: int, trainer) -> None:
         """Member i's trained figures into its run, then the run FINISHED."""

@@ -35,6 +35,7 @@ from analysis.record import (
     KEY_TAG,
     KIND_TAG,
     PARENT_TAG,
+    REPRESENTATION_DIR,
     RESUMED_TAG,
     ROLE_TAG,
     SWEEP_ROLE,
@@ -270,6 +271,10 @@ class TrialRun:
         """The files under ``figures_dir`` as the run's artifacts under ``figures/`` (same paths replaced)."""
         if any(Path(figures_dir).iterdir()):
             self.mlflow.log_artifacts(self.run_id, str(figures_dir), "figures")
+
+    def log_representation(self, folder: Path) -> None:
+        """The stage-end representations under ``folder`` as the run's artifacts under ``representation/``."""
+        self.mlflow.log_artifacts(self.run_id, str(folder), REPRESENTATION_DIR)
 
     def finish(self, figures_dir: Path | None = None) -> None:
         self.flush()
