@@ -34,10 +34,11 @@ demo: $(STAMP)
 	@$(BIN)/python -c "from sweeps.launch import report_lines; \
 	print(*report_lines('demo', 'demo'), sep='\n')"
 
-# Two workers, each taking whole files (a file's servers and trained models are set up once), in the order
-# tests/conftest.py gives them: the longest first (--no-loadscope-reorder: not by their number of tests).
+# Two workers, each taking whole files (a file's servers and trained models are set up once); measured
+# faster here than sharing out the unit files' tests one by one (--dist loadgroup), and than handing out the
+# longest files first (--no-loadscope-reorder with them first: both workers then run servers at once).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 -m "not slow"

@@ -19,11 +19,6 @@ if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 
-# The files that take longest (measured), handed to the workers first; then the other files that start
-# servers, then the rest.
-LONGEST_FIRST = ("test_sweep_faults.py", "test_two_nodes.py", "test_optuna.py", "test_sweep_tune.py",
-                 "test_sweep_fused.py")
-
 # Fixtures that start a Ray node, an MLflow server or the local service: a test using one is ``slow``.
 SERVER_FIXTURES = frozenset({"mlflow_server", "ray_head", "local_ray", "service", "head", "cluster",
                              "auth_server"})
@@ -39,11 +34,7 @@ def pytest_configure(config) -> None:
 def pytest_collection_modifyitems(items) -> None:
     """``slow`` on every test that uses a server fixture. With parallel workers (``--dist loadgroup``) a
     file with such a test runs whole on one worker (its module's servers start once, its tests keep their
-    order); the other files' tests spread over the workers one by one.
-
-    Workers are handed files in collection order, so it is made longest first (``LONGEST_FIRST``, then the
-    other files that start servers, then the rest): the long ones are shared out while the short ones are
-    left to even out the workers' ends."""
+    order); the other files' tests spread over the workers one by one."""
     serving = set()
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
@@ -52,9 +43,6 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if item.path in serving:
             item.add_marker(pytest.mark.xdist_group(item.path.name))
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    # stable: each file keeps its tests' order
-    items.sort(key=lambda item: (item.path not in serving, rank.get(item.path.name, len(rank))))
 
 
 @pytest.fixture(scope="session")
