@@ -6,10 +6,12 @@
   compare  per dataset, the family that leads each metric at its best β, and by how much
   trials   trials ranked by an objective (e.g. an Optuna search: --search optuna)
   report   one self-contained HTML page of the study (--out DIR: DIR/index.html)
+  evaluate the metric suite and UDR from the runs' stored representations, as Ray tasks, into the runs
 
 Without ``--sweep``, top3, compare and report pool every sweep of the experiment and, when there is more
 than one, say so on stderr: ``pooled 2 sweeps: demo (6 runs), paper (250 runs); pass --sweep NAME for one``.
-Bad input (unknown experiment or metric, no runs) prints one ``error: ...`` line and exits with 2.
+Bad input (unknown experiment or metric, no runs) prints one ``error: ...`` line and exits with 2;
+``evaluate`` exits with 1 when a run could not be scored (each named on its own line).
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from analysis.errors import AnalysisError
 from analysis.figures import write_figures, write_stage_figure
 from analysis.report import write_report
 from analysis.runs import export_parquet, load_runs, stage_information, sweep_counts
-from analysis.topk import METRICS, compare, rank_trials, top_k, verdict, wide
+from analysis.topk import METRICS, SUITE_METRICS, compare, rank_trials, top_k, verdict, wide
 from provlae.errors import ProvlaeError
+from provlae.metrics.names import METRIC_NAMES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("mlflow", "alembic"):  # store set-up chatter would bury the answer
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        args.command(args)
+        return args.command(args) or 0
     except ProvlaeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -97,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="picks each family's best run (default: --rank-by, else mig_sup)")
     sub.add_argument("--ui-url", help="the MLflow UI the links point to (default: a tracking server's URL, "
                                       "else http://127.0.0.1:5000 as `mlflow ui` serves)")
+    sub = command("evaluate", cmd_evaluate, "the metric suite and UDR from stored representations, into the runs")
+    one_sweep(sub)
+    sub.add_argument("--metrics", default="all", metavar="LIST",
+                     help=f"comma list of {', '.join(METRIC_NAMES)} (default: all)")
+    sub.add_argument("--stage", default="last", help="last (default), all, or a stage's number")
+    sub.add_argument("--force", action="store_true", help="compute again what the runs already hold")
+    sub.add_argument("--address", help="Ray cluster to run the tasks on (default: $RAY_ADDRESS, else a local Ray)")
     return parser
 
 
@@ -126,7 +136,7 @@ def _table(top: pd.DataFrame) -> pd.DataFrame:
     runs = top.groupby(["dataset", "family", "beta"])["n_runs"].max().rename("runs")
     cells = wide(top).join(runs, on=["dataset", "family", "beta"])
     table = cells[["dataset", "family"]].assign(beta=cells["beta"].map("{:g}".format))
-    for metric in (m for m in METRICS if m in cells):
+    for metric in (m for m in (*METRICS, *SUITE_METRICS) if m in cells):
         table[metric] = [_mean_std(m, s) for m, s in zip(cells[metric], cells[f"{metric}_std"])]
     return table.assign(runs=cells["runs"], note=cells["incomplete"].map({True: "incomplete", False: ""}))
 
@@ -171,6 +181,18 @@ def cmd_report(args: argparse.Namespace) -> None:
     if args.sweep is None:  # the runs the report pooled: every trial run, any status
         say_pooled(load_runs(args.experiment, args.tracking_uri, include_failed=True), None)
     print(f"Report: {path}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from analysis.evaluate import evaluate
+
+    outcome = evaluate(args.experiment, args.tracking_uri, sweep=args.sweep, metrics=args.metrics,
+                       stage=args.stage, force=args.force, address=args.address,
+                       say=lambda line: print(line, flush=True))
+    print(outcome.summary())
+    for line in outcome.failures:
+        print(f"  {line}")
+    return 1 if outcome.failures else 0
 
 
 def cmd_trials(args: argparse.Namespace) -> None:

@@ -17,7 +17,10 @@ from analysis.topk import wide
 from provlae.models.families import family_names
 
 LABELS = {"factor_score": "factor score", "mig": "MIG", "mig_sup": "MIG-sup",
-          "recon_error": "reconstruction error"}
+          "recon_error": "reconstruction error", "mig_hist": "MIG (histogram)",
+          "dci_disentanglement": "DCI disentanglement", "dci_completeness": "DCI completeness",
+          "dci_informativeness_test": "DCI informativeness", "sap": "SAP", "modularity": "modularity",
+          "explicitness_test": "explicitness", "beta_vae_score": "BetaVAE score", "udr": "UDR"}
 FIG2_PANELS = ("factor_score", "mig", "mig_sup")
 
 

@@ -9,10 +9,12 @@
   the one the sweep keeps and resumes into is the one the analysis counts.
 - params: every TrialConfig field as ``str(value)``, read back by ``cast_param`` with the config's own
   rule (``provlae.config.coerce_field``).
-- metrics: the stage-end metrics the trainer reports (``STAGE_END_METRICS``), which need ground-truth
-  factors, and which are better lower.
+- metrics: the stage-end metrics the trainer reports (``STAGE_END_METRICS``), the ones the evaluation stage
+  computes later from stored representations (``EVALUATED_METRICS``, ``provlae.metrics.names``), which need
+  ground-truth factors, and which are better lower. A run's evaluated stages carry ``evaluated_tag(s)``.
 - artifacts: a trial's stage-end figures under ``figures/stage<s>/`` and its stage-end representation,
-  ``representation_path(s)`` (``provlae.representation``), from which metrics are computed later.
+  ``representation_path(s)`` (``provlae.representation``), from which metrics are computed later; on a
+  sweep's parent run, each cell's UDR comparison (``udr_path``).
 
 Pure Python: runs are read by attribute (``run.info``, ``run.data``), MLflow is never imported here.
 """
@@ -24,6 +26,7 @@ import json
 from analysis.errors import AnalysisError
 from provlae.config import FIELD_TYPES, TrialConfig, coerce_field
 from provlae.errors import ConfigError
+from provlae.metrics.names import SUITE_VALUES, UDR
 
 # ------------------------------------------------------------------------------------------- tags
 
@@ -46,7 +49,9 @@ TRAINING_KIND = "custom_model_development"  # MLflow 3's kind for model training
 # objectives a search may optimise (mi_z<l> and kl_z<l> are left out: a progressive family does not have
 # every level at its first stages).
 STAGE_END_METRICS = ("mig", "mig_sup", "factor_score", "recon_error", "mi_total", "mi_over", "active_units")
-NEED_FACTORS = frozenset({"mig", "mig_sup", "factor_score", "active_units"})  # logged only with ground truth
+# What the evaluation stage (analysis/evaluate.py) logs from stored representations, at each stage's step.
+EVALUATED_METRICS = (*SUITE_VALUES, UDR)
+NEED_FACTORS = frozenset({"mig", "mig_sup", "factor_score", "active_units", *SUITE_VALUES})  # need ground truth
 LOWER_IS_BETTER = frozenset({"recon_error", "loss", "recon"})  # the rest: higher is better
 
 
@@ -58,6 +63,29 @@ REPRESENTATION_DIR = "representation"
 def representation_path(stage: int) -> str:
     """The artifact path of a trial's representation at the end of ``stage``."""
     return f"{REPRESENTATION_DIR}/stage{stage}.npz"
+
+
+def representation_stage(path: str) -> int | None:
+    """The stage of a representation artifact's path; None for any other path."""
+    name = path.rsplit("/", 1)[-1]
+    digits = name[len("stage"):-len(".npz")]
+    if name.startswith("stage") and name.endswith(".npz") and digits.isdigit():
+        return int(digits)
+    return None
+
+
+UDR_DIR = "udr"
+
+
+def udr_path(cell: str, stage: int) -> str:
+    """The parent run's artifact holding one cell's UDR comparison at ``stage`` (its runs, pairwise matrix)."""
+    return f"{UDR_DIR}/{cell}_stage{stage}.json"
+
+
+def evaluated_tag(stage: int) -> str:
+    """The tag on a trial's run naming the metrics (``provlae.metrics.names``) the evaluation stage has
+    logged for ``stage``, comma-separated: set in the same batch as the values."""
+    return f"provlae.evaluated.stage{stage}"
 
 
 def default_mode(metric: str) -> str:

@@ -1,5 +1,5 @@
-"""The sections of a study report, top to bottom: the summary, what was run, the top-k table, Fig. 2 and
-Fig. 3, the family comparison and each family's best run (docs/architecture.md §8).
+"""The sections of a study report, top to bottom: the summary, what was run, the top-k table, the metric
+suite, Fig. 2 and Fig. 3, the family comparison and each family's best run (docs/architecture.md §8).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from analysis.page import Page, cell_text, count_cell, document, esc, fmt, is_nu
 from analysis.record import LOWER_IS_BETTER
 from analysis.runs import fetch_artifact, stage_information
 from analysis.study import Study, best_runs, family_key, pick_figures, run_url, runs_table_url
-from analysis.topk import METRICS, PAPER_ORDER, compare, paper_ordering, wide
+from analysis.topk import METRICS, PAPER_ORDER, SUITE_METRICS, compare, paper_ordering, udr_agreement, wide
 from provlae.text import last_line
 
 ORDERING_WORDS = {True: "holds", False: "does not hold", None: "cannot be checked"}
@@ -31,6 +31,7 @@ def render(study: Study, page: Page) -> str:
         section_summary(study),
         section_what_was_run(study),
         section_top_k(study),
+        section_suite(study),
         section_figures(study, page),
         section_comparison(study),
         section_best_runs(study, page),
@@ -45,7 +46,7 @@ def section_summary(study: Study) -> str:
     """The answer first: per dataset, who leads each metric and whether the paper's ordering holds."""
     done, total = len(study.done), len(study.trials)
     items = []
-    comparison, ordering = compare(study.top), paper_ordering(study.top)
+    comparison, ordering = compare(study.top[study.top["metric"].isin(METRICS)]), paper_ordering(study.top)
     for dataset, group in comparison.groupby("dataset", sort=True):
         leads = "; ".join(f"{LABELS.get(r.metric, r.metric)}: {r.leader} (β={r.leader_beta:g}, "
                           f"{r.leader_value:.4g})" for r in group.itertuples())
@@ -179,23 +180,64 @@ def section_top_k(study: Study) -> str:
              f"as the paper reports; FINISHED runs only. Ranking metric: "
              f"<b>{esc(study.rank_by or 'each metric itself')}</b>. Bold: the best cell of a column "
              f"(↑ higher is better, ↓ lower).</p>"]
-    cells = wide(study.top)
-    runs = study.top.groupby(["dataset", "family", "beta"])["n_runs"].max()
-    for dataset, group in cells.groupby("dataset", sort=True):
-        group = group.sort_values(["family", "beta"], key=family_key, kind="stable")
-        metrics = [m for m in METRICS if m in group and group[m].notna().any()]
-        best = {m: (group[m].min() if m in LOWER_IS_BETTER else group[m].max()) for m in metrics}
-        arrows = {m: "↓" if m in LOWER_IS_BETTER else "↑" for m in metrics}
-        head = ["family", "β", *(f"{LABELS.get(m, m)} {arrows[m]}" for m in metrics), "finished runs", "note"]
-        rows = []
-        for cell in group.to_dict("records"):
-            n = int(runs.get((dataset, cell["family"], cell["beta"]), 0))
-            rows.append([esc(cell["family"]), esc(f"{cell['beta']:g}"),
-                         *(_metric_cell(m, cell[m], cell[f"{m}_std"], cell[m] == best[m]) for m in metrics),
-                         esc(n), "incomplete" if cell["incomplete"] else ""])
+    for dataset, group in wide(study.top).groupby("dataset", sort=True):
         parts.append(f"<h3>{esc(dataset)}</h3>")
-        parts.append(table(head, rows, cls="topk", id_=f"topk-{dataset}", data={"dataset": dataset}))
+        parts.append(_cells_table(study, dataset, group, METRICS, "topk"))
     return "\n".join(parts)
+
+
+def _cells_table(study: Study, dataset: str, group: pd.DataFrame, shown: tuple[str, ...], cls: str) -> str:
+    """One dataset's (family, β) cells: the top-k mean ± std of each metric of ``shown`` that they report."""
+    runs = study.top.groupby(["dataset", "family", "beta"])["n_runs"].max()
+    group = group.sort_values(["family", "beta"], key=family_key, kind="stable")
+    metrics = [m for m in shown if m in group and group[m].notna().any()]
+    best = {m: (group[m].min() if m in LOWER_IS_BETTER else group[m].max()) for m in metrics}
+    arrows = {m: "↓" if m in LOWER_IS_BETTER else "↑" for m in metrics}
+    head = ["family", "β", *(f"{LABELS.get(m, m)} {arrows[m]}" for m in metrics), "finished runs", "note"]
+    rows = []
+    for cell in group.to_dict("records"):
+        n = int(runs.get((dataset, cell["family"], cell["beta"]), 0))
+        rows.append([esc(cell["family"]), esc(f"{cell['beta']:g}"),
+                     *(_metric_cell(m, cell[m], cell[f"{m}_std"], cell[m] == best[m]) for m in metrics),
+                     esc(n), "incomplete" if cell["incomplete"] else ""])
+    return table(head, rows, cls=cls, id_=f"{cls}-{dataset}", data={"dataset": dataset})
+
+
+# ------------------------------------------------------------------------------------ the suite
+
+
+def section_suite(study: Study) -> str:
+    """disentanglement_lib's metrics and UDR, from the runs' stored representations: per dataset the
+    cells' table and how well UDR, without labels, ranks the seeds as MIG-sup does."""
+    parts = ["<h2>The disentanglement_lib suite</h2>"]
+    logged = study.top[study.top["metric"].isin(SUITE_METRICS)]
+    if logged.empty:
+        sweep = f" --sweep {study.sweeps[0]}" if len(study.sweeps) == 1 else ""
+        parts.append(f'<p class="note">No metric of the suite is logged yet. Compute them from the runs\' '
+                     f"stored representations: <code>python -m analysis evaluate --experiment "
+                     f"{esc(study.experiment)}{esc(sweep)}</code></p>")
+        return "\n".join(parts)
+    parts.append(f"<p>Computed after training from each run's stored representation (<code>python -m analysis "
+                 f"evaluate</code>), as disentanglement_lib does; top-{study.k} mean ± std per cell, the seeds "
+                 f"picked as in the table above. UDR ranks seeds without labels, by how consistently they "
+                 f"encode the same images.</p>")
+    agreement = udr_agreement(study.trials).set_index("dataset")
+    for dataset, group in wide(logged).groupby("dataset", sort=True):
+        parts.append(f"<h3>{esc(dataset)}</h3>")
+        parts.append(_cells_table(study, dataset, group, SUITE_METRICS, "suite"))
+        if dataset in agreement.index:
+            parts.append(_agreement_sentence(agreement.loc[dataset]))
+    return "\n".join(parts)
+
+
+def _agreement_sentence(row: pd.Series) -> str:
+    cells = (f"{row['cell_rho']:.2f} across the seeds of a cell (mean of {int(row['cells'])} cells with three "
+             f"seeds or more)" if row["cells"] else "no cell has three seeds with both values")
+    pooled = (f"{row['pooled_rho']:.2f} across all {int(row['runs'])} runs" if pd.notna(row["pooled_rho"])
+              else f"not defined across the {int(row['runs'])} runs")
+    return (f'<p class="agreement" data-cell-rho="{float(row["cell_rho"])!r}" '
+            f'data-pooled-rho="{float(row["pooled_rho"])!r}">'
+            f"UDR against MIG-sup, Spearman's rank correlation: {esc(cells)}; {esc(pooled)}.</p>")
 
 
 def _metric_cell(metric: str, mean: float, std: float, best: bool) -> str:

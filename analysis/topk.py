@@ -2,16 +2,19 @@
 
 For each (dataset, family, β) cell the paper reports the mean of the three best random seeds. A
 "best" seed is best by the metric being reported, unless ``rank_by`` names one metric whose ranking
-then picks the seeds for every metric.
+then picks the seeds for every metric: ``udr`` picks them without labels, on any dataset. Beside the
+paper's metrics go the suite's that the evaluation stage logged (analysis/evaluate.py).
 """
 from __future__ import annotations
 
 import pandas as pd
 
 from analysis.errors import AnalysisError
-from analysis.record import LOWER_IS_BETTER, default_mode
+from analysis.record import EVALUATED_METRICS, LOWER_IS_BETTER, default_mode
 
 METRICS = ("factor_score", "mig", "mig_sup", "recon_error")  # Fig. 2 panels, left to right, and the y axis
+# The evaluation stage's values shown beside them (the classifiers' training accuracies stay in the export).
+SUITE_METRICS = tuple(m for m in EVALUATED_METRICS if "_train" not in m)
 CELL = ("dataset", "family", "beta")
 TOP_K_COLUMNS = ("dataset", "family", "beta", "metric", "top_k_mean", "top_k_std", "n_runs", "seeds",
                  "incomplete")
@@ -46,7 +49,8 @@ def finished(df: pd.DataFrame) -> pd.DataFrame:
 def top_k(df: pd.DataFrame, k: int = 3, rank_by: str | None = None) -> pd.DataFrame:
     """Mean and sample std (ddof=1) of the k best FINISHED runs per (dataset, family, β) and metric.
 
-    One row per cell and metric of ``METRICS`` that the cell reports: ``top_k_mean``, ``top_k_std``
+    One row per cell and metric of ``METRICS`` and ``SUITE_METRICS`` that the cell reports: ``top_k_mean``,
+    ``top_k_std``
     (NaN from one value), ``n_runs`` (finished runs in the cell reporting the ranking metric),
     ``seeds`` (the chosen runs' seeds, best first) and ``incomplete`` (fewer than k values).
     """
@@ -60,7 +64,7 @@ def top_k(df: pd.DataFrame, k: int = 3, rank_by: str | None = None) -> pd.DataFr
     runs = finished(df)
     if runs.empty:
         raise AnalysisError("no FINISHED runs to rank")
-    metrics = [m for m in METRICS if m in runs.columns]
+    metrics = [m for m in (*METRICS, *SUITE_METRICS) if m in runs.columns]
     if not metrics:
         raise AnalysisError(f"runs report none of the metrics {', '.join(METRICS)}")
     rows = []
@@ -128,6 +132,8 @@ def compare(top: pd.DataFrame) -> pd.DataFrame:
             "runner_up_value": float("nan") if second is None else second.value,
             "margin": margin, "leader_incomplete": bool(lead.incomplete),
         })
+    order = {m: i for i, m in enumerate((*METRICS, *SUITE_METRICS))}  # the paper's metrics, then the suite's
+    rows.sort(key=lambda r: (r["dataset"], order.get(r["metric"], len(order)), r["metric"]))
     return pd.DataFrame(rows)
 
 
@@ -171,11 +177,12 @@ def paper_ordering(top: pd.DataFrame, order: tuple[str, ...] = PAPER_ORDER,
 def verdict(comparison: pd.DataFrame, k: int = 3) -> str:
     """A few lines per dataset saying which family leads on each metric, as compare() found."""
     lines = []
+    width = max(13, *(len(m) for m in comparison.get("metric", [])))
     for dataset, group in comparison.groupby("dataset", sort=True):
         lines.append(f"{dataset} (mean of the top {k} seeds; each family at its best β):")
         for row in group.itertuples():
             better = "lower" if row.metric in LOWER_IS_BETTER else "higher"
-            text = f"  {row.metric:<13} {row.leader} leads at β={row.leader_beta:g} ({row.leader_value:.4g})"
+            text = f"  {row.metric:<{width}} {row.leader} leads at β={row.leader_beta:g} ({row.leader_value:.4g})"
             if row.runner_up is None:
                 text += ", the only family with this metric"
             else:
@@ -213,3 +220,32 @@ def rank_trials(df: pd.DataFrame, objective: str, search: str | None = None,
     out = runs[[objective, *fixed, *varying, "run_id"]].reset_index(drop=True)
     out.insert(0, "rank", range(1, len(out) + 1))
     return out
+
+
+def udr_agreement(df: pd.DataFrame, metric: str = "mig_sup") -> pd.DataFrame:
+    """How well UDR, which needs no labels, ranks seeds as ``metric`` does: per dataset whose FINISHED runs
+    report both, Spearman's rank correlation across the seeds of each (family, β) cell with three seeds or
+    more (``cells``, their mean ``cell_rho``), and across all the dataset's runs (``runs``, ``pooled_rho``)."""
+    from scipy.stats import spearmanr
+
+    columns = ["dataset", "cells", "cell_rho", "runs", "pooled_rho"]
+    runs = finished(df)
+    if "udr" not in runs.columns or metric not in runs.columns:
+        return pd.DataFrame(columns=columns)
+    both = runs[runs["udr"].notna() & runs[metric].notna()]
+    rows = []
+    for dataset, group in both.groupby("dataset", sort=True):
+        rhos = [_rho(spearmanr, cell["udr"], cell[metric]) for _, cell in group.groupby(["family", "beta"])
+                if len(cell) >= 3]
+        rhos = [r for r in rhos if pd.notna(r)]
+        rows.append({"dataset": dataset, "cells": len(rhos),
+                     "cell_rho": float(sum(rhos) / len(rhos)) if rhos else float("nan"),
+                     "runs": len(group), "pooled_rho": _rho(spearmanr, group["udr"], group[metric])})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _rho(spearmanr, a: pd.Series, b: pd.Series) -> float:
+    """Spearman's rho, NaN when either side is constant or there are fewer than three values."""
+    if len(a) < 3 or a.nunique() < 2 or b.nunique() < 2:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from analysis.ray_cluster import check_driver_address, driver_address
 from provlae import paths, plugins
 from provlae.config import parse_assignments
 from provlae.data.files import DataFiles
 from provlae.errors import ConfigError, ProvlaeError
-from sweeps.cluster_checks import check_driver_address, driver_address
+from provlae.metrics import names as metric_names
 from sweeps.tracking import PATIENCE
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a directory name and a safe MLflow filter value
@@ -72,6 +73,10 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
                                           "`ray job submit`; else start a local Ray on this machine)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate every trial config, print one line per trial, start nothing")
+    parser.add_argument("--evaluate", metavar="LIST",
+                        help="at the end, compute these metrics from the trials' stored representations into "
+                             f"their runs, as `python -m analysis evaluate` does: a comma list of "
+                             f"{', '.join(metric_names.METRIC_NAMES)}, or all")
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ class SweepOptions:
     fuse: int = 1  # full_grid.py: trials per fused group (1: every trial alone, as a solo trainer)
     fused_kernels: str = "auto"  # full_grid.py: a fused group's kernels
     report: bool = True  # full_grid.py: the study report at the end
+    evaluate: tuple[str, ...] = ()  # --evaluate: the metrics computed from stored representations at the end
 
     @property
     def folder(self) -> str:
@@ -148,7 +154,17 @@ def resolve_common(args: argparse.Namespace, default_name: str, **own: Any) -> S
         data=data, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         storage_is_shared=args.storage_is_shared, max_failures=args.max_failures,
         tracking_patience=args.tracking_patience, max_concurrent=args.max_concurrent, address=args.address,
-        dry_run=args.dry_run, **own)
+        dry_run=args.dry_run, evaluate=evaluated_metrics(args.evaluate), **own)
+
+
+def evaluated_metrics(text: str | None) -> tuple[str, ...]:
+    """``--evaluate LIST`` as metric names (none without the flag); ConfigError naming an unknown one."""
+    if text is None:
+        return ()
+    try:
+        return metric_names.check_names(text)
+    except ValueError as e:
+        raise ConfigError(f"--evaluate: {e}") from None
 
 
 def trial_device(device: str | None, gpus_per_trial: float) -> str:

@@ -1,17 +1,14 @@
 """What a sweep needs of its Ray cluster, each miss a ConfigError saying what to use instead.
 
-Before the driver connects: an address a driver can join (not the dashboard's) and a token the cluster
-takes. Once Ray is up and before any run is created (cluster/README.md, "Many machines"): GPUs for trials
+Before the driver connects (analysis/ray_cluster.py): an address a driver can join (not the dashboard's)
+and a token the cluster takes. Once Ray is up and before any run is created (cluster/README.md, "Many machines"): GPUs for trials
 that train on cuda; on more than one node a tracking store and a ``--storage`` every node reaches, and each
 trial's ``data_path`` readable on every node.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
-import tempfile
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -20,123 +17,8 @@ from provlae.config import TrialConfig
 from provlae.errors import ConfigError
 
 PROBE_TIMEOUT_S = 60.0
-GCS_TIMEOUT_S = 10  # the token check's one call to the GCS (nothing listening: about 10 s more to connect)
 AUTOSCALER_STATUS = "__autoscaling_status"  # what Ray's autoscaler monitor reports every few seconds
 LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"  # on the head of a `ray up` cluster, as Tune looks for it
-GET_TOKEN = "`ray get-auth-token` on the cluster's head prints it"
-
-
-# ------------------------------------------------------------------------- before connecting
-
-
-def driver_address(address: str | None) -> tuple[str | None, str]:
-    """The address ``ray.init`` will join and where it comes from: ``--address``, else $RAY_ADDRESS
-    (which ray.init also puts in place of ``auto``)."""
-    env = os.environ.get("RAY_ADDRESS")
-    if env and address in (None, "auto"):
-        return env, "RAY_ADDRESS"
-    return address, "--address"
-
-
-def check_driver_address(address: str | None, source: str = "--address") -> None:
-    """A driver joins the GCS (HOST:6379, or ``auto`` on a node of the cluster); the dashboard's http://
-    address is the Jobs API, where ``ray.init`` would try a Ray Client and fail."""
-    if address and address.strip().lower().startswith(("http://", "https://")):
-        raise ConfigError(f"{source} {address} is the Ray dashboard's Jobs API address, which `ray job submit "
-                          f"--address` takes; a driver joins the cluster at its GCS address (HOST:6379) or "
-                          f"`auto` on one of its nodes: pass --address HOST:6379, or submit the sweep with "
-                          f"`ray job submit --address {address} -- python sweeps/...`")
-
-
-def check_token(address: str) -> None:
-    """Ask the GCS at ``address`` once for the cluster id, with this driver's token, before ray.init: a
-    missing or refused token, or no GCS there, is one ConfigError within about 2 * GCS_TIMEOUT_S (ray.init
-    would retry for 20 s, log every refusal, and then say only that it could not connect)."""
-    try:
-        from ray._private.authentication.authentication_utils import is_token_auth_enabled
-        from ray._private.services import canonicalize_bootstrap_address
-    except ImportError:  # another Ray: ray.init alone decides
-        return
-    if "://" in address:  # a Ray Client (ray://): its server checks the driver its own way
-        return
-    try:
-        gcs = canonicalize_bootstrap_address(address)
-    except ValueError:
-        raise ConfigError(f"{address!r} is not a Ray address: use HOST:PORT (the GCS, port 6379 by default) "
-                          f"or auto") from None
-    if gcs is None:  # local: a new Ray on this machine
-        return
-    token_auth = is_token_auth_enabled()
-    if token_auth and not has_token():  # (Ray's GCS client would abort the process rather than raise)
-        raise ConfigError(f"no Ray token for the cluster at {address}: RAY_AUTH_MODE=token, but neither "
-                          f"RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH nor ~/.ray/auth_token holds one; set "
-                          f"RAY_AUTH_TOKEN to the cluster's token ({GET_TOKEN})")
-    error = ask_gcs(gcs)
-    if error == "refused" and token_auth:
-        raise ConfigError(f"the Ray cluster at {address} refused this driver's token (from {token_source()}): "
-                          f"set RAY_AUTH_TOKEN to the cluster's token ({GET_TOKEN})")
-    if error == "refused":
-        raise ConfigError(f"the Ray cluster at {address} requires a token and this driver sent none "
-                          f"(RAY_AUTH_MODE is not 'token'): set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to "
-                          f"the cluster's token ({GET_TOKEN})")
-    if error:
-        raise ConfigError(f"cannot connect to the Ray cluster at {address}: {error} (is a Ray head running "
-                          f"there? `ray start --head` prints its address)")
-
-
-def has_token() -> bool:
-    from ray._raylet import AuthenticationTokenLoader
-    from ray.exceptions import AuthenticationError
-
-    try:
-        return AuthenticationTokenLoader.instance().has_token()
-    except AuthenticationError:  # token auth on and no token anywhere
-        return False
-
-
-def ask_gcs(gcs: str) -> str | None:
-    """One call to the GCS at ``gcs`` (HOST:PORT): None when it answers, "refused" when it refuses this
-    driver's token, else what went wrong. Ray's C++ client logs each failed call to stderr: kept out of
-    the way when the call fails (the caller says what happened), shown when it succeeds."""
-    from ray._raylet import InnerGcsClient
-    from ray.exceptions import AuthenticationError, RayError
-
-    logged = bytearray()
-    with native_stderr(logged):
-        try:
-            InnerGcsClient.standalone(gcs, None, GCS_TIMEOUT_S * 1000)
-        except AuthenticationError:
-            return "refused"
-        except (RayError, ConnectionError, TimeoutError) as e:  # RpcError: nothing answered in time
-            return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
-    os.write(2, logged)
-    return None
-
-
-def token_source() -> str:
-    """Where Ray takes the driver's token from: the variable, else the file it names, else the default file."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return "RAY_AUTH_TOKEN"
-    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        return f"RAY_AUTH_TOKEN_PATH {os.environ['RAY_AUTH_TOKEN_PATH']}"
-    return "~/.ray/auth_token"
-
-
-@contextlib.contextmanager
-def native_stderr(logged: bytearray):
-    """File descriptor 2 into ``logged`` for the block: Ray's C++ client writes a warning line there for
-    each refused call, beside the one error line a refused driver gets."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            logged.extend(sink.read())
 
 
 # ------------------------------------------------------------------------------ once Ray is up

@@ -14,17 +14,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from pathlib import Path
 from typing import Any
 
+from analysis.ray_cluster import init_ray
 from provlae.config import TrialConfig
-from provlae.errors import ConfigError
+from provlae.errors import ProvlaeError
 from provlae.text import last_line
 from sweeps import sweep_folder, tracking
 from sweeps.cli import SweepOptions
 from sweeps.cluster_checks import check_cluster
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class Sweep:
@@ -78,13 +76,34 @@ def drive(sweep: Sweep) -> int:
         with terminate_as_interrupt():
             results = tuner.fit()
         try:  # past the Tuner, MLflow calls wait for the server as the trials' do, then give up
-            return sweep.end(results, ctx, tracking.patient_client(uri, ctx.patience))
+            status = sweep.end(results, ctx, tracking.patient_client(uri, ctx.patience))
         except Exception as e:  # the table is printed; what MLflow could not record, the rerun does
             if not (tracking.unreachable(e) or isinstance(e, tracking.TrackingError)):
                 raise
             print(f"\nThe {sweep.kind}'s end could not be recorded in MLflow at {uri} ({last_line(str(e))}): "
                   f"rerun the same command to record it.")
             return 1
+        if options.evaluate and results.num_terminated + results.num_errors == len(results):
+            status = max(status, evaluate_sweep(options, uri))
+        return status
+
+
+def evaluate_sweep(options: SweepOptions, uri: str) -> int:
+    """``--evaluate``: the chosen metrics from the sweep's stored representations into its runs, on the
+    sweep's Ray (analysis/evaluate.py); 1 when a run could not be scored."""
+    from analysis.evaluate import evaluate
+
+    print(f"\nEvaluating {', '.join(options.evaluate)} from the stored representations", flush=True)
+    try:
+        outcome = evaluate(options.experiment, uri, sweep=options.name, metrics=options.evaluate,
+                           say=lambda line: print(line, flush=True))
+    except ProvlaeError as e:
+        print(f"evaluation: {e}")
+        return 1
+    print(outcome.summary())
+    for line in outcome.failures:
+        print(f"  {line}")
+    return 1 if outcome.failures else 0
 
 
 def open_parent(sweep: Sweep, mlflow, uri: str) -> tracking.TrackingContext:
@@ -168,41 +187,6 @@ def cli_reporter(parameter_columns, metric_columns):
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output engine ignores progress_reporter
     return tune.CLIReporter(parameter_columns=parameter_columns, metric_columns=metric_columns,
                             max_report_frequency=30)
-
-
-# ------------------------------------------------------------------------------------------ Ray
-
-
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Join ``address`` / $RAY_ADDRESS (set for drivers under ``ray job submit``), else start a local Ray:
-    no dashboard, and the repository on the workers' path wherever this script is run from. A dashboard
-    (http://) address, or a token the cluster does not take, is a ConfigError before ray.init. ray.init's
-    own "Connecting to / Started a local Ray" lines are left out, so that a sweep refused once Ray is up
-    (sweeps/cluster_checks.py) says its one error line alone; the "ray" logger is then at INFO, as ray.init
-    leaves it."""
-    import logging
-
-    import ray
-    from ray.exceptions import AuthenticationError
-
-    from sweeps.cluster_checks import check_driver_address, check_token, driver_address
-
-    if ray.is_initialized():
-        return
-    address, source = driver_address(address)
-    if address:
-        check_driver_address(address, source)
-        check_token(address)
-        try:
-            ray.init(address=address, logging_level=logging.WARNING)
-        except (ConnectionError, AuthenticationError) as e:
-            raise ConfigError(f"cannot connect to the Ray cluster at {address}: {last_line(str(e))}") from None
-    else:
-        pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-        # address="local": never silently join another user's `ray start` cluster on this machine.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    logging.getLogger("ray").setLevel(logging.INFO)
 
 
 # ---------------------------------------------------------------------------------------- output

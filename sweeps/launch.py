@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from analysis.ray_cluster import REPO_ROOT, init_ray
 from provlae import paths
 from provlae.config import TrialConfig
 from provlae.errors import ConfigError, ProvlaeError
@@ -18,11 +19,9 @@ from provlae.text import last_line
 from sweeps import sweep_folder, tracking
 from sweeps.cli import SweepOptions
 from sweeps.driver import (
-    REPO_ROOT,
     Sweep,
     cli_reporter,
     drive,
-    init_ray,
     restored_tuner,
     run_config,
     ui_hint,

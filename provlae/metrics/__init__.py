@@ -7,11 +7,21 @@
 - suite: disentanglement_lib's metrics on stored codes (histogram MIG, DCI, SAP, modularity and
   explicitness, the BetaVAE score); udr: Unsupervised Disentanglement Ranking across seeds.
 
-No model, tracking or cluster code here; the hot loop (provlae.metrics._mixture) runs in torch on CPU
-or GPU with memory bounded by its chunk size.
-"""
-from provlae.metrics.factor import factor_score
-from provlae.metrics.information import level_information
-from provlae.metrics.mig import mig_scores
+- scoring: the suite on one stored representation and UDR on a cell's, as the evaluation stage runs them;
+  names: which metrics there are and the values each logs (no heavy import: the record's contract reads it).
 
-__all__ = ["factor_score", "level_information", "mig_scores"]
+No model, tracking or cluster code here; the hot loop (provlae.metrics._mixture) runs in torch on CPU
+or GPU with memory bounded by its chunk size. The package imports torch only when one of the three
+in-training metrics below is first used.
+"""
+import importlib
+
+_LAZY = {"factor_score": "provlae.metrics.factor", "level_information": "provlae.metrics.information",
+         "mig_scores": "provlae.metrics.mig"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
