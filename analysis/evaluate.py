@@ -1,5 +1,5 @@
 """The evaluation stage: the metric suite and UDR computed from the representations a sweep's trials stored,
-as Ray tasks, into the same MLflow runs (docs/architecture.md §2.4, §4).
+as Ray tasks, into the same MLflow runs (docs/architecture.md §8.1, §4).
 
 disentanglement_lib's pipeline inside the service: a trial trains and stores its representation at every
 stage end (``representation/stage<s>.npz``); here any metric is computed from what is stored, so a metric
@@ -130,11 +130,8 @@ def evaluate(experiment: str, tracking_uri: str | None = None, sweep: str | None
     if not todo and not cells:
         say(f"nothing to compute: {len(jobs)} run-stage(s) already hold {', '.join(names)} (--force recomputes)")
         return outcome
-    with tempfile.TemporaryDirectory(prefix="provlae-evaluate-") as folder:
-        for job in {id(j): j for j in [*todo, *(j for c in cells.values() for j in c)]}.values():
-            _load(job, uri, folder, outcome, say)
-    with _ray(address):
-        _run(todo, cells, runs, uri, seed, outcome, say)
+    with _ray(address), tempfile.TemporaryDirectory(prefix="provlae-evaluate-") as folder:
+        _run(todo, cells, uri, folder, seed, outcome, say)
     return outcome
 
 
@@ -246,52 +243,85 @@ def _udr_task(means: list, kls: list, indices: list, seed: int) -> dict:
     return {**udr_scores(means, kls, indices, seed=seed), "seconds": time.perf_counter() - start}
 
 
-def _run(todo: list[Job], cells: dict[tuple, list[Job]], runs: pd.DataFrame, uri: str, seed: int,
-         outcome: Outcome, say) -> None:
+def _run(todo: list[Job], cells: dict[tuple, list[Job]], uri: str, folder: str, seed: int, outcome: Outcome,
+         say) -> None:
+    """Read each representation and submit its tasks at once (a cell's UDR once its last run is read), so
+    the tasks compute while the driver reads on; log each result as it comes back."""
     import ray
 
     client, _ = client_for(uri)
     score_remote = ray.remote(num_cpus=1)(_score_task)
     udr_remote = ray.remote(num_cpus=1)(_udr_task)
-    pending = {}
-    for job in todo:
-        if job.rep is not None:
-            ref = score_remote.remote(job.rep.codes, job.rep.factors, job.suite, seed)
-            pending[ref] = ("suite", job)
-    for (cell, stage), members in cells.items():
-        loaded = sorted((j for j in members if j.rep is not None), key=lambda j: (j.seed is None, j.seed or 0))
-        if len(loaded) < 2:
-            say(f"udr {cell[1]} stage {stage}: fewer than two runs with a readable representation; no UDR")
-            continue
-        ref = udr_remote.remote([j.rep.codes for j in loaded], [j.rep.kl[j.rep.in_use] for j in loaded],
-                                [j.rep.index for j in loaded], seed)
-        pending[ref] = ("udr", (cell, stage, loaded))
-    total, count = len(pending), 0
+    unread = {key: len(members) for key, members in cells.items()}
+    cells_of: dict[int, list[tuple]] = {}
+    for key, members in cells.items():
+        for job in members:
+            cells_of.setdefault(id(job), []).append(key)
+    order = {id(j): j for j in [*todo, *(j for c in cells.values() for j in c)]}.values()
+    pending, progress = {}, [0, len(todo) + len(cells)]  # [done, expected]
+    for job in sorted(order, key=lambda j: (j.cell[1], j.stage, j.seed is None, j.seed or 0)):
+        _load(job, uri, folder, outcome, say)
+        if job.suite:
+            if job.rep is None:
+                progress[1] -= 1
+            else:
+                pending[score_remote.remote(job.rep.codes, job.rep.factors, job.suite, seed)] = ("suite", job)
+        for key in cells_of.get(id(job), []):
+            unread[key] -= 1
+            if unread[key] == 0:
+                loaded = [j for j in cells[key] if j.rep is not None]
+                if len(loaded) < 2:
+                    progress[1] -= 1
+                    say(f"udr {key[0][1]} stage {key[1]}: fewer than two runs with a readable representation; "
+                        f"no UDR")
+                    continue
+                loaded.sort(key=lambda j: (j.seed is None, j.seed or 0))
+                ref = udr_remote.remote([j.rep.codes for j in loaded], [j.rep.kl[j.rep.in_use] for j in loaded],
+                                        [j.rep.index for j in loaded], seed)
+                pending[ref] = ("udr", (key[0], key[1], loaded))
+        _collect(pending, client, outcome, progress, say, block=False)
+    _collect(pending, client, outcome, progress, say, block=True)
+
+
+def _collect(pending: dict, client, outcome: Outcome, progress: list[int], say, block: bool) -> None:
+    """Log the results of the finished tasks (``block``: of every task, waiting for them)."""
+    import ray
+
     while pending:
-        [ref], _ = ray.wait(list(pending), num_returns=1)
-        kind, what = pending.pop(ref)
-        count += 1
-        try:
-            result = ray.get(ref)
-        except Exception as e:  # the task's error: its run (or cell) is left as it was
-            name = what.run_name if kind == "suite" else what[0][1]
-            outcome.failures.append(f"{kind} {name}: {last_line(str(e))}")
-            say(f"[{count}/{total}] {name}: failed ({last_line(str(e))}); nothing logged")
-            continue
-        if kind == "suite":
-            _log_suite(client, what, result)
-            outcome.scored += 1
-            values = ", ".join(f"{k} {v:.3g}" for k, v in result["values"].items())
-            notes = f" [{'; '.join(result['notes'])}]" if result["notes"] else ""
-            say(f"[{count}/{total}] {what.run_name} stage {what.stage}: {values or 'no value'}{notes} "
-                f"({sum(result['seconds'].values()):.1f} s)")
-        else:
-            cell, stage, members = what
-            _log_udr(client, cell, stage, members, result)
-            outcome.cells += 1
-            scores = ", ".join(f"{_seed_name(j)} {s:.3g}" for j, s in zip(members, result["model_scores"]))
-            say(f"[{count}/{total}] udr {cell[1]} stage {stage}: {scores} ({result['points']} images; "
-                f"{result['seconds']:.1f} s)")
+        done, _ = ray.wait(list(pending), num_returns=len(pending) if not block else 1,
+                           timeout=None if block else 0)
+        if not done:
+            return
+        for ref in done:
+            _report(ref, *pending.pop(ref), client, outcome, progress, say)
+
+
+def _report(ref, kind: str, what, client, outcome: Outcome, progress: list[int], say) -> None:
+    import ray
+
+    progress[0] += 1
+    count = f"[{progress[0]}/{progress[1]}]"
+    try:
+        result = ray.get(ref)
+    except Exception as e:  # the task's error: its run (or cell) is left as it was
+        name = what.run_name if kind == "suite" else what[0][1]
+        outcome.failures.append(f"{kind} {name}: {last_line(str(e))}")
+        say(f"{count} {name}: failed ({last_line(str(e))}); nothing logged")
+        return
+    if kind == "suite":
+        _log_suite(client, what, result)
+        outcome.scored += 1
+        values = ", ".join(f"{k} {v:.3g}" for k, v in result["values"].items())
+        notes = f" [{'; '.join(result['notes'])}]" if result["notes"] else ""
+        say(f"{count} {what.run_name} stage {what.stage}: {values or 'no value'}{notes} "
+            f"({sum(result['seconds'].values()):.1f} s)")
+    else:
+        cell, stage, members = what
+        _log_udr(client, cell, stage, members, result)
+        outcome.cells += 1
+        scores = ", ".join(f"{_seed_name(j)} {s:.3g}" for j, s in zip(members, result["model_scores"]))
+        say(f"{count} udr {cell[1]} stage {stage}: {scores} ({result['points']} images; "
+            f"{result['seconds']:.1f} s)")
 
 
 def _log_suite(client, job: Job, result: dict) -> None:

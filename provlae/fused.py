@@ -314,11 +314,11 @@ class _Stack:
         if self._fn is None:
             p = next(iter(self.params.values()))  # the coefficients are the stage's: stacked once
             self._coef, rebuild_coef = _stacked(coefs, dtype=p.dtype, device=p.device)
-            stage = self.stage
+            stage, modules = self.stage, self.modules  # not the stack itself: no cycle stack -> fn -> stack
 
             def one(params, frozen, x, noise_tensors, coef_tensors, alpha):
                 return torch.func.functional_call(
-                    self.modules, {**{f"model.{n}": v for n, v in params.items()}, **frozen},
+                    modules, {**{f"model.{n}": v for n, v in params.items()}, **frozen},
                     (x, stage, alpha, rebuild_noise(noise_tensors), rebuild_coef(coef_tensors)))
 
             fn = torch.func.vmap(one, in_dims=(0, 0, 0, 0, 0, None))

@@ -114,7 +114,9 @@ class Trainer:
         self._alpha = torch.zeros((), dtype=self.dtype, device=self.device)
         self._coef: dict = {}
         self._coef_stage: int | None = None  # the stage _coef was made for
-        self._compiled = None if cfg.compile == "none" else torch.compile(self._loss_at, dynamic=False)
+        # The function, not the bound method: a bound method would hold the trainer (a reference cycle, its
+        # device memory freed only by the cycle collector). Called with the trainer as its first argument.
+        self._compiled = None if cfg.compile == "none" else torch.compile(Trainer._loss_at, dynamic=False)
 
     # ------------------------------------------------------------------ the loop
     def run(self, callback: Callable[[Event], None] | None = None, until: int | None = None) -> dict[str, float]:
@@ -210,7 +212,7 @@ class Trainer:
                 out = self.family.loss(self.model, x, self.stage, t, noise=noise)
             else:
                 self._alpha.fill_(self.family.alpha(self.stage, t))
-                out = self._compiled(x, self.stage, noise, self._alpha, self._coefficient_tensors())
+                out = self._compiled(self, x, self.stage, noise, self._alpha, self._coefficient_tensors())
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         self.opt.step()
@@ -347,7 +349,10 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        self.load_state_dict(read_checkpoint(path, self.device), path)
+        """Read to the CPU; ``load_state_dict`` places each tensor. So Adam's ``step`` counters stay on the
+        CPU, as a fresh optimizer keeps them: read onto a GPU, every step would read them back to the host
+        (``.item()`` per parameter tensor)."""
+        self.load_state_dict(read_checkpoint(path, "cpu"), path)
 
     def load_state_dict(self, state: dict, path: str | Path = "<state>") -> None:
         if not isinstance(state, dict) or state.get("version") not in READABLE_VERSIONS:

@@ -1,9 +1,9 @@
-"""The fused-group benchmarks as scripts: benchmarks/fused_throughput.py --quick and benchmarks/gpu_suite.py
---tiny run to the end on this machine and their last line is the JSON their docstrings promise, with
-figures that are positive, finite and consistent with one another; gpu_suite refuses a machine without
-CUDA unless --tiny.
+"""Benchmarks as scripts: benchmarks/fused_throughput.py --quick, benchmarks/gpu_suite.py --tiny and
+benchmarks/metric_suite.py --quick run to the end on this machine and their last line is the JSON their
+docstrings promise, with figures that are positive, finite and consistent with one another; gpu_suite
+refuses a machine without CUDA unless --tiny.
 
-Both run with --threads 1: the suite may share this 2-core machine with other jobs, and two OpenMP
+The fused-group ones run with --threads 1: the suite may share this 2-core machine with other jobs, and two OpenMP
 threads on a contended pair of cores run several times slower than one."""
 import json
 import math
@@ -86,3 +86,18 @@ def test_gpu_suite_refuses_a_machine_without_cuda(provlae_home):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: gpu_suite needs a CUDA device (use --tiny on CPU)"]
     assert proc.stdout == ""
+
+
+@pytest.mark.slow  # starts a local Ray twice
+def test_metric_suite_quick(provlae_home):
+    proc = run_script("metric_suite.py", "--quick", "--runs", "2", home=provlae_home, timeout=300)
+    out = last_json(proc)
+    assert out["name"] == "metric_suite" and (out["train_points"], out["test_points"]) == (1000, 500)
+    assert set(out["seconds"]) == {"mig_hist", "sap", "modularity", "beta_vae", "udr"}  # --quick: no DCI
+    assert all(positive(v) for v in out["seconds"].values())
+    assert out["runs"] == 2 and out["evaluate_metrics"] == ["mig_hist", "sap", "modularity", "beta_vae", "udr"]
+    assert out["ratio"] == pytest.approx(out["evaluate_1_worker_s"] / out["evaluate_2_workers_s"], rel=1e-2)
+    printed = proc.stdout.splitlines()[:-1]
+    for metric, seconds in out["seconds"].items():  # each metric's line, its seconds as in the JSON
+        shown = [float(line.split()[1]) for line in printed if line.split()[:1] == [metric]]
+        assert len(shown) == 1 and abs(shown[0] - seconds) <= 0.006, (metric, shown, seconds)

@@ -100,6 +100,36 @@ def test_resume_mid_stage_is_bitwise_identical(family, tmp_path):
     assert resumed.run() == full
 
 
+def test_a_checkpoint_is_read_to_the_cpu_and_adams_step_counters_stay_there(tmp_path, monkeypatch):
+    """Read onto the training device, Adam's ``step`` counters would land on a GPU, and each step would then
+    read them back to the host once per parameter tensor; read to the CPU, ``load_state_dict`` places the
+    moments with their parameters and keeps the counters on the CPU, as a fresh optimizer has them."""
+    import provlae.train as train
+
+    class Stop(Exception):
+        pass
+
+    first = Trainer(tiny(checkpoint_every=4))
+
+    def save_at_4(event):
+        if event.kind == "checkpoint" and event.step == 4:
+            first.save_checkpoint(tmp_path / "c.pt")
+            raise Stop
+
+    with pytest.raises(Stop):
+        first.run(save_at_4)
+    asked = []
+    real = train.read_checkpoint
+    monkeypatch.setattr(train, "read_checkpoint", lambda path, device: asked.append(device) or real(path, device))
+    resumed = Trainer(tiny(checkpoint_every=4))
+    resumed.load_checkpoint(tmp_path / "c.pt")
+    assert asked == ["cpu"] and resumed.step == 4
+    states = list(resumed.opt.state.values())
+    assert states and all(s["step"].device.type == "cpu" for s in states)
+    params = [p for group in resumed.opt.param_groups for p in group["params"]]
+    assert all(resumed.opt.state[p]["exp_avg"].device == p.device for p in params if p in resumed.opt.state)
+
+
 def test_checkpoint_of_another_config_is_refused(tmp_path):
     t = Trainer(tiny())
     t.save_checkpoint(tmp_path / "c.pt")

@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def as_array(x, name: str, dtype=np.float64) -> np.ndarray:
-    """numpy or torch (any device) -> numpy of `dtype`."""
-    if isinstance(x, torch.Tensor):
+    """numpy or torch (any device) -> numpy of `dtype`. Torch is not imported for it: a tensor exists only
+    where torch already is (the stored-representation metrics run without it)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     try:
         return np.asarray(x, dtype=dtype)
@@ -82,6 +88,8 @@ def worker_threads(n: int | None, device: torch.device) -> Iterator[int]:
     per-op synchronisation and keeps its speed on a busy machine, where torch's intra-op threads wait
     for each other at every op. Default: torch's thread setting, capped at the CPUs this process may use.
     """
+    import torch
+
     before = torch.get_num_threads()
     try:
         allowed = len(os.sched_getaffinity(0))
