@@ -284,3 +284,44 @@ def test_compiled_steps_follow_the_eager_ones():
     for i in range(2):
         assert losses(group[i]) == pytest.approx(losses(want[i]), rel=1e-5)
         assert [e[2]["alpha"] for e in group[i] if e[0] == "step"] == [1.0, 1.0, 1.0, 0.0, 0.5]
+
+
+@pytest.mark.parametrize("compile_mode", ["none", "torch"])
+def test_trainers_and_stacks_are_freed_without_the_cycle_collector(compile_mode):
+    """A finished group, its stack and its members, and a solo trainer with a compiled loss, are freed when
+    the last reference goes, not left to the cycle collector: their device memory goes with them (a reused
+    Tune actor does not keep the previous trial's)."""
+    import gc
+    import weakref
+
+    kw = dict(BASE, family="pro_vlae", dtype="float32", steps_per_stage=3, compile=compile_mode)
+    cfgs = [TrialConfig.from_dict({**kw, **m}) for m in members("pro_vlae")[:2]]
+    # The first optimizer a process makes keeps its caller's frames (torch's one-time set-up holds them):
+    # made here, so that the trainers below are not the first.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    gc.collect()
+    gc.disable()
+    try:
+        group = FusedTrainer(cfgs, kernels="batched")
+        stacks = []
+
+        def keep_stack(i, event):  # mid-run, the stack holds the members' state and its vmapped loss
+            if group._stack is not None and group._stack._fn is not None:
+                stacks.append(weakref.ref(group._stack))
+
+        group.run(keep_stack, until=2)
+        assert stacks and group._stack is None  # dropped at the end of the run
+        refs = [weakref.ref(group), *stacks, *(weakref.ref(m) for m in group.members)]
+        del group
+        solo = Trainer(cfgs[0])
+        solo.run(until=2)
+        refs.append(weakref.ref(solo))
+        del solo
+        # The evaluation's worker threads may still hold a reference for a moment: wait for them, never
+        # for the collector (it is off).
+        deadline = time.monotonic() + 5
+        while any(r() is not None for r in refs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [r() is None for r in refs] == [True] * len(refs)
+    finally:
+        gc.enable()
