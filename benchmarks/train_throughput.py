@@ -40,7 +40,8 @@ def bare_loop(cfg: TrialConfig, ds, steps: int) -> float:
 
     def one_step():
         idx = torch.randint(n, (b,), generator=gen).to(images.device)
-        x = images[idx].to(device).permute(0, 3, 1, 2).float().mul_(ds.pixel_scale)
+        x = images[idx].to(device).permute(0, 3, 1, 2).to(dtype=torch.float32,
+                                                          memory_format=torch.contiguous_format).mul_(ds.pixel_scale)
         out = model(x, gates)
         loss = bernoulli_nll(out.logits, x).mean()
         for mu, logvar in zip(out.mu, out.logvar):

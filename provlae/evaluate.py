@@ -32,9 +32,11 @@ class Encoding:
 
 def batches_to_float(images: torch.Tensor, idx: torch.Tensor, scale: float, device,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (N,H,W,C) rows -> (B,C,H,W) in [0,1] on `device`, in `dtype`."""
+    """uint8 (N,H,W,C) rows -> (B,C,H,W) in [0,1] on `device`, in `dtype`, contiguous: a solo trainer's
+    convolutions then see the layout a fused group's stacked batch has (a permuted view would keep the
+    channels-last strides, and cuDNN would pick other kernels for the one than for the other)."""
     x = images[idx].to(device, non_blocking=True)
-    return x.permute(0, 3, 1, 2).to(dtype).mul_(scale)
+    return x.permute(0, 3, 1, 2).to(dtype=dtype, memory_format=torch.contiguous_format).mul_(scale)
 
 
 def columns_in_use(family: Family, stage: int) -> list[tuple[int, list[int]]]:

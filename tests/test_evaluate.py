@@ -71,3 +71,18 @@ def test_levels_not_grown_are_encoded_at_stage_zero(data):
     assert np.all(enc.mu[:, :4] == 0) and np.all(enc.logvar[:, :4] == 0)
     assert abs(out["mi_z1"]) < 1e-6 and abs(out["mi_z2"]) < 1e-6
     assert out["eval_kl_z1"] == 0.0 and enc.in_use == [4, 5]
+
+
+def test_a_batch_is_contiguous_nchw_as_a_fused_groups_stacked_batch_is():
+    """A permuted NHWC view would keep channels-last strides (three channels: not the NCHW layout), and a
+    solo trainer's convolutions would run other kernels than a fused group's on its stacked batch."""
+    import torch
+
+    from provlae.evaluate import batches_to_float
+
+    images = torch.randint(0, 256, (10, 8, 6, 3), dtype=torch.uint8)
+    assert not images[:4].permute(0, 3, 1, 2).is_contiguous()
+    x = batches_to_float(images, torch.tensor([3, 0, 7]), 1 / 255, "cpu")
+    assert x.shape == (3, 3, 8, 6) and x.is_contiguous() and x.dtype == torch.float32
+    assert torch.allclose(x, images[[3, 0, 7]].permute(0, 3, 1, 2).float() / 255)
+    assert torch.stack([x, x]).is_contiguous()

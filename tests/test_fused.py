@@ -302,17 +302,18 @@ def test_trainers_and_stacks_are_freed_without_the_cycle_collector(compile_mode)
     gc.collect()
     gc.disable()
     try:
-        group = FusedTrainer(cfgs, kernels="batched")
+        group = [FusedTrainer(cfgs, kernels="batched")]  # the only reference, dropped below
         stacks = []
 
         def keep_stack(i, event):  # mid-run, the stack holds the members' state and its vmapped loss
-            if group._stack is not None and group._stack._fn is not None:
-                stacks.append(weakref.ref(group._stack))
+            stack = group[0]._stack
+            if stack is not None and stack._fn is not None:
+                stacks.append(weakref.ref(stack))
 
-        group.run(keep_stack, until=2)
-        assert stacks and group._stack is None  # dropped at the end of the run
-        refs = [weakref.ref(group), *stacks, *(weakref.ref(m) for m in group.members)]
-        del group
+        group[0].run(keep_stack, until=2)
+        assert stacks and group[0]._stack is None  # dropped at the end of the run
+        refs = [weakref.ref(group[0]), *stacks, *(weakref.ref(m) for m in group[0].members)]
+        group.clear()
         solo = Trainer(cfgs[0])
         solo.run(until=2)
         refs.append(weakref.ref(solo))
