@@ -73,7 +73,15 @@ def check_device_memory(device: torch.device, nbytes: int, what: str, headroom: 
     """ConfigError naming ``what`` unless ``nbytes`` (plus 10%) fits in the device's free memory."""
     if device.type != "cuda":
         return
-    free, total = torch.cuda.mem_get_info(device)
+    free, total = available_memory(device)
     if nbytes * headroom > free:
         raise ConfigError(f"{what} ({nbytes / 2**30:.2f} GiB) do not fit on {device} "
                           f"({free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB)")
+
+
+def available_memory(device: torch.device) -> tuple[int, int]:
+    """(bytes this process can still allocate on a CUDA ``device``, its total): what the driver reports free
+    plus what PyTorch's caching allocator holds reserved but unused (freed tensors it keeps for reuse)."""
+    free, total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free + max(0, cached), total

@@ -275,3 +275,22 @@ def test_cli_refuses_a_planted_or_truncated_checkpoint_without_running_it(tmp_pa
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint ") and message in lines[0], r.stderr
     assert not marker.exists()  # the pickle's code never ran
     assert not (out / "result.json").exists()
+
+
+def test_device_memory_counts_what_the_caching_allocator_holds_free(monkeypatch):
+    """The driver's free memory leaves out what PyTorch's caching allocator keeps reserved for reuse (a
+    finished trial's freed tensors): this process can allocate that too. (No GPU here: the CUDA calls are
+    stood in for.)"""
+    import torch
+
+    from provlae import device as devices
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (1 * gib, 8 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 1 * gib)
+    cuda = torch.device("cuda", 0)
+    assert devices.available_memory(cuda) == (3 * gib, 8 * gib)
+    devices.check_device_memory(cuda, int(2.5 * gib), "the images")  # 2.75 GiB with headroom: fits in 3
+    with pytest.raises(ConfigError, match=r"the images \(2.80 GiB\) do not fit on cuda:0 \(3.00 GiB free of 8.00"):
+        devices.check_device_memory(cuda, int(2.8 * gib), "the images")
