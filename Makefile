@@ -12,7 +12,8 @@ STAMP  := $(VENV)/.installed-stamp
 
 install: $(STAMP)
 
-# torch first: 2.13.0 is pinned, so the project install below adds nothing to it.
+# torch first, the CPU build this machine has (2.13.0); the project asks only torch>=2.5, so the install
+# below keeps it (and a GPU machine's own CUDA build where one is installed).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

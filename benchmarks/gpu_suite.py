@@ -73,9 +73,9 @@ ERRORS: dict[str, str] = {}
 
 # (section budget in seconds for the timed steps, warm-up steps, calibration steps, most timed steps)
 GPU = dict(ks=(4, 8, 16), solo_s=20.0, fused_s=20.0, compile_s=20.0, warmup=10, calib=20, max_steps=20000,
-           min_left={"solo": 40, "fused": 45, "eval": 60, "compile": 90, "grid": -math.inf})
+           min_left={"data": -math.inf, "solo": 40, "fused": 45, "eval": 60, "compile": 90, "grid": -math.inf})
 TINY = dict(ks=(2, 3), solo_s=1.0, fused_s=1.0, compile_s=1.0, warmup=2, calib=2, max_steps=200,
-            min_left=dict.fromkeys(("solo", "fused", "eval", "compile", "grid"), -math.inf))  # never skipped
+            min_left=dict.fromkeys(("data", "solo", "fused", "eval", "compile", "grid"), -math.inf))  # never skipped
 TINY_CONFIG = dict(subset=2048, batch_size=32, mi_samples=300, factor_train_votes=100, factor_eval_votes=50,
                    eval_subset=1024)
 
@@ -98,9 +98,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def finite(value):
+    """``value`` with every non-finite float (an infinite GPU-hours figure, a NaN) as None: valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def result_line(result: dict) -> str:
+    return json.dumps(finite(result), allow_nan=False)
+
+
 def dump_partial(signum, frame) -> None:
     """Killed by a timeout: what was measured so far, as the last line."""
-    say(json.dumps({**RESULT, "errors": ERRORS, "partial": True, "total_s": round(time.perf_counter() - START, 1)}))
+    say(result_line({**RESULT, "errors": ERRORS, "partial": True, "total_s": round(time.perf_counter() - START, 1)}))
     sys.exit(128 + signum)
 
 
@@ -357,7 +372,11 @@ def main(argv=None) -> int:
             say(f"{section}: failed: {type(e).__name__}: {first_line(e, '')}")
             return None
 
-    ds = section_data(cfg, device)
+    ds = attempt("data", section_data, cfg, device)
+    if ds is None:  # nothing to train on: the figures so far and the error, as the JSON line
+        record(total_s=time.perf_counter() - START)
+        print(result_line({**RESULT, "errors": ERRORS}))
+        return 1
     speeds: dict[str, float] = {}
     solo = attempt("solo", section_solo, cfg, ds, device, p)
     if solo:
@@ -378,7 +397,7 @@ def main(argv=None) -> int:
         say("compile: not timed (--no-compile; --tiny leaves it out unless --compile)")
     record(total_s=time.perf_counter() - START)
     say(f"total: {time.perf_counter() - START:.1f} s")
-    print(json.dumps({**RESULT, "errors": ERRORS}))
+    print(result_line({**RESULT, "errors": ERRORS}))
     return 0
 
 

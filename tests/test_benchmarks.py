@@ -57,9 +57,32 @@ def test_fused_throughput_quick(provlae_home):
         assert any("batched" in line and "img/s" in line for line in printed)
 
 
+# A bare GPU machine has PyTorch, numpy, h5py, pandas, matplotlib, scipy and scikit-learn, but no Ray, MLflow
+# or Optuna: gpu_suite.py runs there as it comes (`PYTHONPATH=. python3 benchmarks/gpu_suite.py`).
+WITHOUT_SERVICE_LIBRARIES = ("import runpy, sys\n"
+                             "for name in ('ray', 'mlflow', 'optuna'):\n"
+                             "    sys.modules[name] = None  # importing it raises ImportError\n"
+                             "sys.argv = sys.argv[1:]\n"
+                             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def run_bare(name: str, *args: str, home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PROVLAE_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", WITHOUT_SERVICE_LIBRARIES, str(ROOT / "benchmarks" / name), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def strict_json(line: str) -> dict:
+    """The line as JSON that other tools read: NaN and Infinity are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} in the JSON line")
+    return json.loads(line, parse_constant=refuse)
+
+
 def test_gpu_suite_tiny(provlae_home):
-    proc = run_script("gpu_suite.py", "--tiny", "--threads", "1", home=provlae_home)
+    proc = run_bare("gpu_suite.py", "--tiny", "--threads", "1", home=provlae_home)
     out = last_json(proc)
+    strict_json(proc.stdout.strip().splitlines()[-1])
     assert out["name"] == "gpu_suite" and out["tiny"] is True
     assert out["errors"] == {}, out["errors"]  # --tiny skips nothing; no section failed
     for key in ("solo_img_s", "fused_k2_img_s", "fused_k3_img_s", "eval_s", "eval_encode_s", "data_images",
@@ -78,6 +101,15 @@ def test_gpu_suite_tiny(provlae_home):
     assert set(hours) == {"solo_eager", "fused_k2", "fused_k3"}  # compile is left out with --tiny
     assert out["best_setting"] == min(hours, key=hours.get)
     assert out["gpu_hours_best"] == hours[out["best_setting"]]
+
+
+def test_gpu_suite_says_a_failed_data_section_in_its_json_line(provlae_home):
+    proc = run_bare("gpu_suite.py", "--tiny", "--threads", "1", "--subset", "900000", home=provlae_home)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = strict_json(proc.stdout.strip().splitlines()[-1])
+    assert out["name"] == "gpu_suite" and list(out["errors"]) == ["data"]
+    assert "900000" in out["errors"]["data"] and "solo_img_s" not in out
+    assert any(line.startswith("data: failed: ") for line in proc.stdout.splitlines())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
