@@ -1,8 +1,9 @@
-"""``python -m provlae``: train one trial, generate or check datasets.
+"""``python -m provlae``: train one trial, generate or check datasets, measure this machine's throughput.
 
   python -m provlae train [--config FILE] [--set key=value ...] [--plugin MODULE ...] --out DIR
   python -m provlae data generate {dsprites,shapes3d} --out PATH
   python -m provlae data check PATH
+  python -m provlae calibrate [--device auto|cpu|cuda] [--fuse 1,4] [--batch-size N] [--dataset D] [--family F]
 
 User errors print one line ``error: ...`` and exit with status 2.
 """
@@ -122,6 +123,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from provlae.calibrate import calibrate
+    from provlae.config import TrialConfig, parse_assignments
+    from provlae.errors import ConfigError
+    from provlae.throughput import add
+
+    try:
+        fuse = sorted({int(k) for k in args.fuse.split(",") if k.strip()})
+    except ValueError:
+        fuse = []
+    if not fuse or fuse[0] < 1:
+        raise ConfigError(f"--fuse must be a comma list of group sizes >= 1, got {args.fuse!r}")
+    if not args.seconds > 0 or (args.threads is not None and args.threads < 1):
+        raise ConfigError("--seconds must be > 0 and --threads >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = TrialConfig.from_dict({**parse_assignments(args.set), "dataset": args.dataset, "family": args.family,
+                                  "batch_size": args.batch_size, "device": args.device})
+    measured = calibrate(base, fuse, seconds=args.seconds, say=lambda line: print(line, flush=True))
+    print(f"added {len(measured)} measurement(s) to {add(measured)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -151,6 +177,17 @@ def _main(argv: list[str] | None) -> int:
                        help="the real file of one dataset, over --data-dir (repeatable)")
     train.add_argument("--out", required=True, help="output directory (resumes from its checkpoint)")
     train.set_defaults(func=cmd_train)
+    cal = sub.add_parser("calibrate", help="measure training img/s and one evaluation on this machine's device "
+                                           "into the throughput table that sweep plans read")
+    cal.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu or cuda")
+    cal.add_argument("--fuse", default="1", metavar="K,...", help="group sizes to measure (default 1: solo)")
+    cal.add_argument("--dataset", default="dsprites")
+    cal.add_argument("--family", default="pro_vlae")
+    cal.add_argument("--batch-size", type=int, default=128)
+    cal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another config field")
+    cal.add_argument("--seconds", type=float, default=6.0, help="timed seconds per measurement (default 6)")
+    cal.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; a sweep trial: its CPUs)")
+    cal.set_defaults(func=cmd_calibrate)
     data = sub.add_parser("data", help="generate or check datasets")
     add_data_subcommands(data.add_subparsers(dest="data_command", required=True))
     args = parser.parse_args(argv)

@@ -6,6 +6,7 @@ script with one line ``error: ...`` on stderr and exit status 2, before Ray star
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from provlae.config import parse_assignments
 from provlae.data.files import DataFiles
 from provlae.errors import ConfigError, ProvlaeError
 from provlae.metrics import names as metric_names
+from provlae.plan import Target, parse_plan_for
 from sweeps.tracking import PATIENCE
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a directory name and a safe MLflow filter value
@@ -73,6 +75,9 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
                                           "`ray job submit`; else start a local Ray on this machine)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate every trial config, print one line per trial, start nothing")
+    parser.add_argument("--plan-for", metavar="DEVICE×N",
+                        help="plan for this cluster (cpu×16, cuda×8, H100×8; x works too) instead of this "
+                             "machine's devices: the --dry-run plan's wall time and device-hours")
     parser.add_argument("--evaluate", metavar="LIST",
                         help="at the end, compute these metrics from the trials' stored representations into "
                              f"their runs, as `python -m analysis evaluate` does: a comma list of "
@@ -97,6 +102,7 @@ class SweepOptions:
     max_failures: int = 2
     tracking_patience: float = PATIENCE
     max_concurrent: int | None = None
+    plan_for: str | None = None  # --plan-for DEVICE×N: the cluster the plan is for (default: this machine)
     address: str | None = None
     dry_run: bool = False
     fuse: int = 1  # full_grid.py: trials per fused group (1: every trial alone, as a solo trainer)
@@ -141,6 +147,8 @@ def resolve_common(args: argparse.Namespace, default_name: str, **own: Any) -> S
         raise ConfigError(f"--tracking-patience must be > 0 seconds, got {args.tracking_patience:g}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    if args.plan_for is not None:
+        parse_plan_for(args.plan_for)  # a bad --plan-for: refused before anything else
     overrides = parse_assignments(args.overrides)
     names = plugins.load(plugins.parse(overrides.get("plugins")) + args.plugin)
     if names:
@@ -154,7 +162,20 @@ def resolve_common(args: argparse.Namespace, default_name: str, **own: Any) -> S
         data=data, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         storage_is_shared=args.storage_is_shared, max_failures=args.max_failures,
         tracking_patience=args.tracking_patience, max_concurrent=args.max_concurrent, address=args.address,
-        dry_run=args.dry_run, evaluate=evaluated_metrics(args.evaluate), **own)
+        dry_run=args.dry_run, evaluate=evaluated_metrics(args.evaluate), plan_for=args.plan_for, **own)
+
+
+def plan_target(options: SweepOptions) -> Target:
+    """The cluster a plan is for: ``--plan-for``, else this machine's GPUs (trials asking GPUs) or cores."""
+    per_trial = options.gpus_per_trial or 1.0
+    if options.plan_for:
+        kind, name, count = parse_plan_for(options.plan_for)
+        return Target(kind, count, per_trial if kind == "cuda" else options.cpus_per_trial, name)
+    if options.gpus_per_trial > 0:
+        import torch
+
+        return Target("cuda", max(1, torch.cuda.device_count()), per_trial)
+    return Target("cpu", os.cpu_count() or 1, options.cpus_per_trial)
 
 
 def evaluated_metrics(text: str | None) -> tuple[str, ...]:

@@ -17,11 +17,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from provlae import plugins  # noqa: E402
 from provlae.errors import ConfigError  # noqa: E402
 from provlae.fused import make_groups  # noqa: E402
+from provlae.plan import make_plan  # noqa: E402
 from sweeps import grid  # noqa: E402
-from provlae import plugins  # noqa: E402
-from sweeps.cli import add_sweep_args, registered, resolve_common, run_main  # noqa: E402
+from sweeps.cli import add_sweep_args, plan_target, registered, resolve_common, run_main  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,16 +60,18 @@ def main(argv: list[str] | None = None) -> int:
         betas=grid.parse_betas(args.betas) if args.betas else None,
         seeds=grid.parse_seeds(args.seeds) if args.seeds else None,
         overrides=options.overrides, data=options.data)
+    groups = make_groups(configs, options.fuse) if options.fuse > 1 else [[c] for c in configs]
+    plan = make_plan(groups, plan_target(options))
     if options.dry_run:
         for cfg in configs:
             print(f"{cfg.run_name:<36} steps={cfg.total_steps:<8} batch={cfg.batch_size:<4} "
                   f"z_dim={cfg.z_dim} subset={cfg.subset} device={cfg.device}")
         print(f"trials: {len(configs)}")
         if options.fuse > 1:
-            groups = make_groups(configs, options.fuse)
             for n, group in enumerate(groups, 1):
                 print(f"group {n} ({len(group)} trials): {', '.join(c.run_name for c in group)}")
             print(f"fused groups: {len(groups)} (Tune trials)")
+        print("\n".join(plan.lines()))
         return 0
     from sweeps.launch import run_sweep  # imports Ray: only when the sweep really runs
 
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                    "betas": ",".join(f"{b:g}" for b in sorted({c.beta for c in configs})),
                    "seeds": ",".join(str(s) for s in sorted({c.seed for c in configs})),
                    "overrides": " ".join(f"{k}={v}" for k, v in sorted(options.overrides.items())),
-                   "fuse": options.fuse}
+                   "fuse": options.fuse, **plan.params()}
     return run_sweep(configs, options, description)
 
 

@@ -61,8 +61,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from provlae import plugins
+from provlae.plan import make_plan
 from sweeps import grid
-from sweeps.cli import SweepOptions, add_sweep_args, registered, resolve_common, run_main
+from sweeps.cli import SweepOptions, add_sweep_args, plan_target, registered, resolve_common, run_main
 from sweeps.search_space import (
     OBJECTIVES,
     SearchSpec,
@@ -131,6 +132,11 @@ def describe(spec: SearchSpec, options: SweepOptions) -> str:
         lines.append("early stopping: off (--no-early-stopping)")
     else:
         lines.append("early stopping: none (a single-stage family is never stopped early)")
+    members = [base.with_overrides({"seed": s}) for s in spec.seeds]  # one configuration: its seeds, fused
+    plan = make_plan([members] * spec.trials, plan_target(options))
+    lines += plan.lines()
+    if spec.rungs and plan.measured:
+        lines.append("  note: an upper bound: ASHA stops some configurations at a stage end")
     return "\n".join(lines)
 
 
