@@ -180,13 +180,20 @@ def run_config(options: SweepOptions, reporter):
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
 
 
-def cli_reporter(parameter_columns, metric_columns):
-    """A status table every 30 s, one row per trial."""
+def cli_reporter(parameter_columns, metric_columns, progress=None):
+    """A status table every 30 s, one row per trial; with ``progress`` (``sweeps.eta.Progress``) the
+    sweep's expected end under each table."""
     from ray import tune
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output engine ignores progress_reporter
-    return tune.CLIReporter(parameter_columns=parameter_columns, metric_columns=metric_columns,
-                            max_report_frequency=30)
+
+    class Reporter(tune.CLIReporter):
+        def report(self, trials, done, *sys_info):
+            super().report(trials, done, *sys_info)
+            if progress is not None:
+                print(progress.line(trials), flush=True)
+
+    return Reporter(parameter_columns=parameter_columns, metric_columns=metric_columns, max_report_frequency=30)
 
 
 # ---------------------------------------------------------------------------------------- output

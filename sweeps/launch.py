@@ -55,7 +55,9 @@ class Grid(Sweep):
         return {**self.description, "trials": len(self.configs)}
 
     def tuner(self, ctx: tracking.TrackingContext, restore: bool, started: bool):
-        return make_tuner(self.configs, self.options, ctx, restore=restore)
+        planned = self.description.get("plan_wall_s")
+        return make_tuner(self.configs, self.options, ctx, restore=restore,
+                          planned_s=float(planned) if planned else None)
 
     def end(self, results, ctx: tracking.TrackingContext, mlflow) -> int:
         return end_sweep(self.configs, self.options, results, ctx, mlflow)
@@ -94,7 +96,7 @@ def end_sweep(configs: list[TrialConfig], options: SweepOptions, results, ctx: t
 
 
 def make_tuner(configs: list[TrialConfig], options: SweepOptions, ctx: tracking.TrackingContext,
-               restore: bool = True):
+               restore: bool = True, planned_s: float | None = None):
     """The grid's Tuner, or the interrupted one restored from the sweep folder (errored trials retried)
     unless ``restore`` is False. With ``--fuse K`` > 1 each Tune trial is a fused group of up to K grid
     trials."""
@@ -117,7 +119,7 @@ def make_tuner(configs: list[TrialConfig], options: SweepOptions, ctx: tracking.
         param_space=space,
         tune_config=tune.TuneConfig(max_concurrent_trials=options.max_concurrent, reuse_actors=True,
                                     trial_dirname_creator=trial_dirname),
-        run_config=run_config(options, reporter(options.fuse > 1)),
+        run_config=run_config(options, reporter(options.fuse > 1, planned_s)),
     )
 
 
@@ -134,15 +136,17 @@ def trainable_for(options: SweepOptions, ctx: tracking.TrackingContext):
     return tune.with_resources(fn, options.resources)
 
 
-def reporter(fused: bool = False):
+def reporter(fused: bool = False, planned_s: float | None = None):
     """One row per trial with its grid point (not a config dump per trial); a fused trial's row names its
-    group and counts its members."""
+    group and counts its members; under the table, the sweep's expected end (``sweeps.eta``)."""
+    from sweeps.eta import Progress
+
     if fused:
         return cli_reporter({f"{GROUP_KEY}/label": "group"},
                             {"step": "step", "stage": "stage", "live": "live", "finished": "finished",
-                             "failed": "failed"})
+                             "failed": "failed"}, Progress(planned_s))
     return cli_reporter({f"trial/{k}": k for k in ("dataset", "family", "beta", "seed")},
-                        {"step": "step", "stage": "stage", "loss": "loss", "mig": "mig"})
+                        {"step": "step", "stage": "stage", "loss": "loss", "mig": "mig"}, Progress(planned_s))
 
 
 def trial_dirname(trial) -> str:

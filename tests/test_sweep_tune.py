@@ -119,6 +119,8 @@ def test_smoke_sweep_tracks_one_run_per_trial(local_ray, store, capsys, check_sw
     for name in expected:
         assert f"\n{name} " in out and "FINISHED" in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out
+    n = len(expected)  # under Tune's last status table, the expected end's line: all ended
+    assert f"ETA: {n} of {n} trials finished, 0 running, 0 pending; " in out and "(100%); ended after" in out
     runs = check_sweep_runs(f"sqlite:///{store / 'mlflow.db'}", "smoke", "smoke", expected)
     # The last two lines: the study report (also the parent run's artifact) and the runs table's URL.
     report, table = out.strip().splitlines()[-2:]
