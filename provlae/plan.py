@@ -44,7 +44,7 @@ class Target:
         return max(1, int(self.count / max(self.per_trial, 1.0)))
 
     def label(self) -> str:
-        unit = "CPU cores" if self.device == "cpu" else "GPUs"
+        unit = ("CPU core" if self.device == "cpu" else "GPU") + ("s" if self.count != 1 else "")
         name = f" ({self.device_name})" if self.device_name else ""
         return f"{self.count} {unit}{name}, {self.per_trial:g} per Tune trial: {self.slots} at once"
 
@@ -163,15 +163,15 @@ def make_plan(groups: list[list[TrialConfig]], target: Target, table: list[Measu
             return plan
         costs.append(group_cost(group, m))
     plan.costs = costs
-    for m in plan.measurements():
-        unlike = [f for f, mine, theirs in (("dataset", groups[0][0].dataset, m.dataset),
-                                             ("family", groups[0][0].family, m.family),
-                                             ("batch size", groups[0][0].batch_size, m.batch_size))
-                  if mine != theirs]
-        if unlike:
-            plan.notes.append(f"the nearest measurement differs in {', '.join(unlike)}: a rougher estimate")
-        if m.eval_s is None:
-            plan.notes.append("no evaluation was measured: evaluations are not counted")
+    unlike = {f for group, c in zip(groups, costs) for f, mine, theirs in (
+        ("dataset", group[0].dataset, c.measurement.dataset), ("family", group[0].family, c.measurement.family),
+        ("batch size", group[0].batch_size, c.measurement.batch_size)) if mine != theirs}
+    if unlike:
+        fields = [f for f in ("dataset", "family", "batch size") if f in unlike]
+        plan.notes.append(f"for some trials the nearest measurement differs in {', '.join(fields)}: a rougher "
+                          f"estimate")
+    if any(m.eval_s is None for m in plan.measurements()):
+        plan.notes.append("no evaluation was measured: evaluations are not counted")
     sizes = sorted({len(g) for g in groups})
     if any(c.measurement.fuse != c.members for c in costs):
         plan.notes.append(f"groups of {', '.join(map(str, sizes))} planned from the rate measured at another "

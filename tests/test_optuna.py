@@ -214,6 +214,7 @@ def test_dry_run_prints_the_search(capsys):
     out = capsys.readouterr().out
     assert "mean over seeds 0,1,2" in out and "beta           loguniform(0.5, 32)" in out
     assert "ASHA at stage ends, steps 10, 20" in out
+    assert "\nplan: 12 trials in 4 Tune trials, " in out  # each configuration's 3 seeds as one fused group
 
 
 # ------------------------------------------------------------------------------ searches on Ray

@@ -141,8 +141,8 @@ def test_calibrate_measures_this_cpu_and_the_dry_run_plans_from_it(tmp_path):
                                                                            ("cpu", 2, 32, "calibrate")]
     assert all(m.train_img_s > 0 and m.eval_s > 0 and m.eval_images == 4096 for m in table)
     assert out.stdout.strip().splitlines()[-1] == f"added 2 measurement(s) to {tmp_path / 'throughput.json'}"
-    # The smoke grid planned from it: batch 32 like the measurement, so no note about a rougher estimate.
-    plan = dry_run(env, "--set", "batch_size=32").stdout
+    # pro-VLAE of the smoke grid planned from it: batch 32 as measured, so no note about a rougher estimate.
+    plan = dry_run(env, "--families", "pro_vlae", "--seeds", "4", "--set", "batch_size=32").stdout
     assert "plan: 4 trials in 4 Tune trials" in plan and "estimated wall time" in plan
     assert "from: cpu " in plan and "rougher" not in plan
     bad = subprocess.run([sys.executable, "-m", "provlae", "calibrate", "--fuse", "0"], cwd=ROOT, env=env,

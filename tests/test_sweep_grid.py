@@ -18,6 +18,7 @@ import servers
 from provlae.models import FAMILIES
 from provlae.errors import ConfigError
 from sweeps import grid
+from provlae.plan import count
 from sweeps.full_grid import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,16 +107,21 @@ def test_dry_run_prints_one_line_per_trial(capsys):
     assert main(["--preset", "smoke", "--betas", "1,4", "--seeds", "0,5", "--set", "lr=2e-3",
                  "--gpus-per-trial", "0.25", "--dry-run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1] == "trials: 14"  # (3 x 2 + 1) x 2
-    assert len(lines) == 15
-    assert all("device=cuda" in line for line in lines[:-1])
+    assert lines[14] == "trials: 14"  # (3 x 2 + 1) x 2
+    assert all("device=cuda" in line for line in lines[:14])
     assert any(line.startswith("teacher_student-dsprites-b1-s5 ") for line in lines)
+    # then the plan: the trials' images and evaluations, on this machine's GPUs (none here: one assumed)
+    trials = grid.build_trials("smoke", betas=[1.0, 4.0], seeds=[0, 5], overrides={"lr": "2e-3", "device": "cuda"})
+    images = sum(c.total_steps * c.batch_size for c in trials)
+    assert lines[15] == (f"plan: 14 trials in 14 Tune trials, {count(images)} training images, "
+                         f"{sum(c.num_stages for c in trials)} evaluations")
+    assert lines[16] == "  on 1 GPU, 0.25 per Tune trial: 1 at once"
 
 
 def test_dry_run_of_the_real_script():
     out = script("--dry-run")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "trials: 250"
+    assert "\ntrials: 250\nplan: 250 trials in 250 Tune trials, " in out.stdout
 
 
 @pytest.mark.parametrize("args, message", [
