@@ -73,9 +73,11 @@ ERRORS: dict[str, str] = {}
 
 # (section budget in seconds for the timed steps, warm-up steps, calibration steps, most timed steps)
 GPU = dict(ks=(4, 8, 16), solo_s=20.0, fused_s=20.0, compile_s=20.0, warmup=10, calib=20, max_steps=20000,
-           min_left={"data": -math.inf, "solo": 40, "fused": 45, "eval": 60, "compile": 90, "grid": -math.inf})
+           min_left={"data": -math.inf, "solo": 40, "fused": 45, "eval": 60, "compile": 90, "grid": -math.inf,
+                     "table": -math.inf})
 TINY = dict(ks=(2, 3), solo_s=1.0, fused_s=1.0, compile_s=1.0, warmup=2, calib=2, max_steps=200,
-            min_left=dict.fromkeys(("data", "solo", "fused", "eval", "compile", "grid"), -math.inf))  # never skipped
+            min_left=dict.fromkeys(("data", "solo", "fused", "eval", "compile", "grid", "table"),
+                                   -math.inf))  # never skipped
 TINY_CONFIG = dict(subset=2048, batch_size=32, mi_samples=300, factor_train_votes=100, factor_eval_votes=50,
                    eval_subset=1024)
 
@@ -320,6 +322,25 @@ def section_grid(speeds: dict[str, float], fused: dict[int, float], eval_s: floa
         say(f"  {name:14s} {h:9.1f} GPU-hours{'   <- best' if name == best else ''}")
 
 
+def section_table(cfg: TrialConfig, device: torch.device, name: str, speeds: dict[str, float],
+                  fused: dict[int, float], eval_s: float | None) -> None:
+    """The measured rates into the throughput table that sweep plans read (``provlae.throughput``)."""
+    from provlae.throughput import Measurement, add
+
+    def entry(k: int, kernels: str, img_s: float, compile_mode: str = "none") -> Measurement:
+        return Measurement(device=device.type, device_name=name, dataset=cfg.dataset, family=cfg.family,
+                           batch_size=cfg.batch_size, fuse=k, kernels=kernels, dtype=cfg.dtype,
+                           compile=compile_mode, train_img_s=img_s, eval_s=eval_s,
+                           eval_images=RESULT.get("eval_images") if eval_s else None, source="gpu_suite",
+                           measured_at=time.time(), mi_samples=cfg.mi_samples)
+
+    entries = [entry(1, "solo", v, "torch" if key == "solo_compile" else "none") for key, v in speeds.items()]
+    entries += [entry(k, "batched", v) for k, v in sorted(fused.items())]
+    path = add(entries)
+    record(table=str(path), table_entries=len(entries))
+    say(f"table: {len(entries)} measurement(s) added to {path} (sweep plans read them)")
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -395,6 +416,7 @@ def main(argv=None) -> int:
             attempt("grid", section_grid, speeds, fused, eval_s, args.tiny)
     else:
         say("compile: not timed (--no-compile; --tiny leaves it out unless --compile)")
+    attempt("table", section_table, cfg, device, name, speeds, fused, eval_s)
     record(total_s=time.perf_counter() - START)
     say(f"total: {time.perf_counter() - START:.1f} s")
     print(result_line({**RESULT, "errors": ERRORS}))

@@ -62,7 +62,7 @@ def calibrate(base: TrialConfig, fuse: Sequence[int] = (1,), seconds: float = 6.
         m = Measurement(device=device.type, device_name=name, dataset=cfg.dataset, family=cfg.family,
                         batch_size=cfg.batch_size, fuse=k, kernels=used, dtype=cfg.dtype, compile=cfg.compile,
                         train_img_s=img_s, eval_s=eval_s, eval_images=n_eval, source="calibrate",
-                        measured_at=time.time())
+                        measured_at=time.time(), mi_samples=cfg.mi_samples)
         say(f"{'solo' if k == 1 else f'fused K={k} ({used})'}: {img_s:.0f} img/s")
         out.append(m)
         del trainer

@@ -5,7 +5,8 @@ The arithmetic, per Tune trial (a solo trial or a fused group of K members):
 - training seconds = the members' training images (steps x batch, all members) / the group's measured
   img/s (a fused group's rate counts all its members' images);
 - evaluation seconds = per member, its evaluations (one per stage end) x the measured seconds of one
-  evaluation, scaled by the images it evaluates (its ``eval_subset``, else its training set);
+  evaluation, scaled by the images it evaluates (its ``eval_subset``, else its training set) and by its
+  estimator points (``mi_samples``);
 - the cluster runs ``slots`` Tune trials at once: the devices (or CPU cores) over what one trial asks,
   trials that share a device (a fraction of a GPU) taken as splitting it, not as running faster together;
 - wall time = the trials' seconds over the slots, or the longest trial where that is longer (packing is
@@ -185,9 +186,15 @@ def group_cost(group: list[TrialConfig], m: Measurement) -> GroupCost:
     evals = sum(c.num_stages for c in group)
     eval_s = 0.0
     if m.eval_s is not None and m.eval_images:
-        eval_s = sum(c.num_stages * m.eval_s * eval_images(c) / m.eval_images for c in group)
+        eval_s = sum(c.num_stages * m.eval_s * eval_images(c) / m.eval_images * estimator_share(c, m) for c in group)
     return GroupCost(members=len(group), train_images=images, evaluations=evals,
                      train_s=images / m.train_img_s, eval_s=eval_s, measurement=m)
+
+
+def estimator_share(cfg: TrialConfig, m: Measurement) -> float:
+    """How much dearer ``cfg``'s evaluation is than the measured one by its estimator points: the MI
+    estimator's work grows with them (taken as the whole evaluation's: an upper bound for fewer points)."""
+    return cfg.mi_samples / m.mi_samples if m.mi_samples else 1.0
 
 
 def eval_images(cfg: TrialConfig) -> int:

@@ -45,6 +45,7 @@ class Measurement:
     eval_images: int | None  # the images that evaluation encoded
     source: str  # SOURCES
     measured_at: float = 0.0  # unix time
+    mi_samples: int | None = None  # the evaluation's estimator points (its cost grows with them)
 
     def label(self) -> str:
         what = f"{self.family} on {self.dataset}, batch {self.batch_size}, {self.dtype}"

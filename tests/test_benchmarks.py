@@ -101,6 +101,14 @@ def test_gpu_suite_tiny(provlae_home):
     assert set(hours) == {"solo_eager", "fused_k2", "fused_k3"}  # compile is left out with --tiny
     assert out["best_setting"] == min(hours, key=hours.get)
     assert out["gpu_hours_best"] == hours[out["best_setting"]]
+    # Its rates land in the throughput table that sweep plans read: solo and each K.
+    from provlae.throughput import read_table
+
+    table = read_table(out["table"])[-out["table_entries"]:]
+    assert out["table_entries"] == 3 and [(m.fuse, m.source) for m in table] == [(1, "gpu_suite"), (2, "gpu_suite"),
+                                                                                (3, "gpu_suite")]
+    assert [m.train_img_s for m in table] == pytest.approx([out["solo_img_s"], out["fused_k2_img_s"],
+                                                            out["fused_k3_img_s"]], rel=1e-3)
 
 
 def test_gpu_suite_says_a_failed_data_section_in_its_json_line(provlae_home):

@@ -47,6 +47,9 @@ def test_a_solo_grid_by_hand():
     assert lines[0] == "plan: 4 trials in 4 Tune trials, 60k training images, 12 evaluations"
     assert "estimated wall time 36 s" in lines[2] and "0.02 core-hours" in lines[2]
     assert lines[3].startswith("  from: cpu Test CPU, 1 threads: pro_vlae on dsprites, batch 50")
+    # Measured with 5,000 estimator points, the trials' 10,000 cost twice as much per evaluation.
+    halved = make_plan([[configs[0]]], Target("cpu", 1, 1.0), [measured(mi_samples=5000)])
+    assert halved.costs[0].eval_s == pytest.approx(2 * 3 * 2.0 * 500 / 1000)
 
 
 def test_fused_groups_and_gpus_by_hand():
