@@ -97,3 +97,29 @@ def evaluation_seconds(cfg: TrialConfig, ds, device: torch.device) -> tuple[floa
     trainer.evaluate()
     sync(device)
     return time.perf_counter() - t0, len(trainer.eval_index())
+
+
+def member_memory(cfg: TrialConfig, steps: int = 2) -> tuple[int, int]:
+    """(one member's peak GPU memory in bytes over a few training steps, the device's memory this process
+    can still allocate) for ``--fuse auto``. The dataset's device copy, which a group's members share, is
+    made first and left out of the peak."""
+    import gc
+
+    from provlae.device import available_memory, images_tensor
+
+    device = resolve_device(cfg.device)
+    if device.type != "cuda":
+        raise ValueError("member_memory probes a CUDA device")
+    ds = datasets.load(cfg.dataset, path=cfg.data_path, subset=cfg.subset, seed=cfg.data_seed)
+    images_tensor(ds.images, device)  # the shared copy, before the count starts
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    trainer = Trainer(cfg.with_overrides({"steps_per_stage": max(cfg.steps_per_stage, steps + 1)}), dataset=ds)
+    trainer.run(until=steps)
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del trainer
+    gc.collect()
+    torch.cuda.empty_cache()
+    return int(peak), available_memory(device)[0]

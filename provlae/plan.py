@@ -222,3 +222,34 @@ def duration(seconds: float) -> str:
     if seconds < 172800:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} days"
+
+
+# ------------------------------------------------------------------------------------- --fuse auto
+
+FUSE_CAP = 32  # members per group at most: past it a group's step gains little (benchmarks/gpu_suite.py)
+HEADROOM = 0.8  # of the device's free memory a group may take
+
+
+def largest_group(configs: list[TrialConfig]) -> int:
+    """The most members the grid lets one group have: trials alike in all but seed, β and the family's
+    member fields (``provlae.fused.make_groups``)."""
+    from provlae.fused import make_groups
+
+    return max((len(g) for g in make_groups(configs, max(1, len(configs)))), default=1)
+
+
+def choose_fuse(device: str, allowed: int, member_bytes: int | None = None, free_bytes: int | None = None,
+                cap: int = FUSE_CAP) -> tuple[int, str]:
+    """``--fuse auto``: (K, why). On a CPU 1 (a fused group does not train faster there than its trials in
+    turn: benchmarks/fused_throughput.py); on a GPU as many members as the grid allows (``allowed``), the
+    cap and the device's memory hold — ``free_bytes`` x HEADROOM over one member's peak ``member_bytes``."""
+    if device != "cuda":
+        return 1, "on a CPU a fused group trains no faster than its trials one after another"
+    if not member_bytes or free_bytes is None:
+        raise ConfigError("--fuse auto on a GPU needs one member's memory, probed on the device")
+    fits = int(free_bytes * HEADROOM // member_bytes)
+    k = max(1, min(allowed, cap, fits))
+    limit = min((allowed, "the grid's trials that may share a group"), (cap, f"the cap of {cap}"),
+                (fits, f"{free_bytes / 2**30:.1f} GiB free x {HEADROOM:g} over {member_bytes / 2**20:.0f} MiB "
+                       f"per member"), key=lambda x: x[0])
+    return k, f"K = {k}: limited by {limit[1]}"

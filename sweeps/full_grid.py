@@ -34,9 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--families", help=f"comma list of {registered('families')} (default: the preset's)")
     parser.add_argument("--betas", help="comma list of beta > 0 (default: the preset's)")
     parser.add_argument("--seeds", help="a count N (seeds 0..N-1) or a comma list '0,3,7'")
-    parser.add_argument("--fuse", type=int, default=1, metavar="K",
+    parser.add_argument("--fuse", default="1", metavar="K|auto",
                         help="train up to K trials that differ only in seed and beta as one fused group "
-                             "(one batched network per Tune trial; default 1: every trial alone)")
+                             "(one batched network per Tune trial; default 1: every trial alone); auto: as "
+                             "many as the grid allows and the device holds (1 on a CPU)")
     parser.add_argument("--fused-kernels", choices=("auto", "batched", "sequential"), default="auto",
                         help="a fused group's kernels: batched (stacked, one vmap; the GPU's path), sequential "
                              "(members in turn), auto (batched on CUDA, sequential on CPU)")
@@ -49,9 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.fuse < 1:
-        raise ConfigError(f"--fuse must be >= 1 (trials per fused group), got {args.fuse}")
-    options = resolve_common(args, default_name=f"full_grid-{args.preset}", fuse=args.fuse,
+    auto = args.fuse.strip().lower() == "auto"
+    if not auto and not (args.fuse.strip().isdigit() and int(args.fuse) >= 1):
+        raise ConfigError(f"--fuse must be auto or >= 1 (trials per fused group), got {args.fuse}")
+    options = resolve_common(args, default_name=f"full_grid-{args.preset}", fuse=1 if auto else int(args.fuse),
                              fused_kernels=args.fused_kernels, report=args.report)
     configs = grid.build_trials(
         args.preset,
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         betas=grid.parse_betas(args.betas) if args.betas else None,
         seeds=grid.parse_seeds(args.seeds) if args.seeds else None,
         overrides=options.overrides, data=options.data)
+    why = None
+    if auto:
+        options, why = fuse_auto(configs, options)
+        print(f"--fuse auto: {options.fuse} ({why})", flush=True)
     groups = make_groups(configs, options.fuse) if options.fuse > 1 else [[c] for c in configs]
     plan = make_plan(groups, plan_target(options))
     if options.dry_run:
@@ -80,8 +86,39 @@ def main(argv: list[str] | None = None) -> int:
                    "betas": ",".join(f"{b:g}" for b in sorted({c.beta for c in configs})),
                    "seeds": ",".join(str(s) for s in sorted({c.seed for c in configs})),
                    "overrides": " ".join(f"{k}={v}" for k, v in sorted(options.overrides.items())),
-                   "fuse": options.fuse, **plan.params()}
+                   "fuse": options.fuse, **({"fuse_auto": why} if why else {}), **plan.params()}
     return run_sweep(configs, options, description)
+
+
+def fuse_auto(configs: list, options):
+    """``--fuse auto``: the options with K chosen (``provlae.plan.choose_fuse``), and why. A sweep folder
+    already started keeps the K it was started with. On a GPU one member's memory is probed on this
+    machine's device, so the driver must have one."""
+    from dataclasses import replace
+
+    from provlae.plan import choose_fuse, largest_group
+    from sweeps.sweep_folder import GRID_MANIFEST, read_json
+
+    saved = read_json(options.folder, GRID_MANIFEST)
+    if saved is not None:
+        return replace(options, fuse=int(saved.get("fuse", 1))), f"the K sweep {options.name!r} was started with"
+    device = configs[0].device if configs else "cpu"
+    if device != "cuda":
+        k, why = choose_fuse("cpu", largest_group(configs))
+        return replace(options, fuse=k), why
+    if options.fused_kernels == "sequential":
+        raise ConfigError("--fuse auto sizes groups for the batched kernels of a GPU: pass --fuse K with "
+                          "--fused-kernels sequential")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("--fuse auto probes one member's memory on a GPU, and this machine has none: run the "
+                          "driver on a GPU node, or pass --fuse K")
+    from provlae.calibrate import member_memory
+
+    member, free = member_memory(configs[0])
+    k, why = choose_fuse("cuda", largest_group(configs), member, free)
+    return replace(options, fuse=k), why
 
 
 if __name__ == "__main__":

@@ -160,3 +160,42 @@ def test_a_bad_plan_for_stops_the_sweep_script_with_one_line(tmp_path):
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines() == ["error: --plan-for must be DEVICE×N with N >= 1 (cpu×16, "
                                                "cuda×8, H100×8), got 'H100×0'"]
+
+
+def test_fuse_auto_is_one_on_a_cpu_and_sized_by_memory_on_a_gpu():
+    from provlae.plan import FUSE_CAP, choose_fuse, largest_group
+
+    assert choose_fuse("cpu", 40) == (1, "on a CPU a fused group trains no faster than its trials one after another")
+    gib, mib = 2**30, 2**20
+    # 10 GiB free x 0.8 = 8 GiB over 500 MiB per member: 16 fit; the grid allows 40; the cap is 32.
+    assert choose_fuse("cuda", 40, 500 * mib, 10 * gib) == (16, "K = 16: limited by 10.0 GiB free x 0.8 over "
+                                                                 "500 MiB per member")
+    assert choose_fuse("cuda", 5, 500 * mib, 10 * gib) == (5, "K = 5: limited by the grid's trials that may "
+                                                               "share a group")
+    assert choose_fuse("cuda", 80, 10 * mib, 70 * gib)[0] == FUSE_CAP
+    assert choose_fuse("cuda", 8, 20 * gib, 10 * gib)[0] == 1  # not even one more: alone
+    with pytest.raises(ConfigError, match="needs one member's memory"):
+        choose_fuse("cuda", 8)
+    # the smoke grid: four families, one seed: no two trials may share a group
+    smoke = [cfg(family=f) for f in ("beta_vae", "vlae", "pro_vlae", "teacher_student")]
+    assert largest_group(smoke) == 1
+    assert largest_group([cfg(seed=s, beta=b) for s in range(3) for b in (1.0, 2.0)]) == 6
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fuse", "0"], "error: --fuse must be auto or >= 1 (trials per fused group), got 0"),
+    (["--fuse", "auto", "--gpus-per-trial", "1", "--fused-kernels", "sequential"],
+     "error: --fuse auto sizes groups for the batched kernels of a GPU: pass --fuse K with --fused-kernels "
+     "sequential"),
+])
+def test_fuse_auto_bad_input(tmp_path, args, message):
+    out = dry_run({**os.environ, "PROVLAE_HOME": str(tmp_path)}, *args)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [message]
+
+
+def test_fuse_auto_on_this_cpu_says_why(tmp_path):
+    out = dry_run({**os.environ, "PROVLAE_HOME": str(tmp_path)}, "--fuse", "auto", "--seeds", "4")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == ("--fuse auto: 1 (on a CPU a fused group trains no faster than its "
+                                          "trials one after another)")
+    assert "\ngroup 1 " not in out.stdout and "plan: 16 trials in 16 Tune trials" in out.stdout
