@@ -32,6 +32,7 @@ from provlae import data as datasets
 from provlae.atomic import write_atomic
 from provlae.config import TrialConfig
 from provlae.errors import CheckpointError, ConfigError, TrainingDiverged
+from provlae.evaluate import batches_to_float
 from provlae.train import Event, Trainer
 
 MEMBER_FIELDS = ("seed", "beta")  # may differ in any group; each family adds its own (Family.member_fields)
@@ -181,21 +182,27 @@ class FusedTrainer:
         cb(i, Event("failed", m.step, m.stage, {}))
 
     def _batched_step(self, live: list[int]) -> dict[int, dict]:
+        """One step of every live member at once. What scales with K is kept to each member's own batch
+        order and noise stream: the batches are one gather over the stacked rows, the finite check one
+        flag for the group (``Trainer.watch_finite``)."""
         members = [self.members[i] for i in live]
         lead = members[0]
         if self._stack is None or self._stack.positions != live or self._stack.stage != lead.stage:
             self._write_back()
             self._stack = _Stack(members, live)
         t = lead.steps_into_stage
-        xs = [m.next_batch() for m in members]  # each member's own batch order
-        noises = [m.family.draw_noise(m.model, m.stage, x.shape[0], m.noise_gen) for m, x in zip(members, xs)]
+        rows = torch.stack([m.next_indices() for m in members])  # each member's own batch order
+        x = batches_to_float(lead.images, rows.reshape(-1), lead.data.pixel_scale, lead.device, lead.dtype)
+        x = x.reshape(len(members), -1, *x.shape[1:])  # one gather, one cast for the group
+        noises = [m.family.draw_noise(m.model, m.stage, x.shape[1], m.noise_gen) for m in members]
         coefs = [m.family.coefficients(m.stage) for m in members]
         with lead.autocast():
-            loss, terms = self._stack.loss(torch.stack(xs), noises, coefs, lead.family.alpha(lead.stage, t))
+            loss, terms = self._stack.loss(x, noises, coefs, lead.family.alpha(lead.stage, t))
         self._stack.backward_and_step(loss)
+        self._stack.finite &= torch.isfinite(loss.detach())
         out = {}
         for k, (i, m) in enumerate(zip(live, members)):
-            out[i] = m.stepped(loss[k], {name: v[k] for name, v in terms.items()}, t)
+            out[i] = m.stepped(loss[k], {name: v[k] for name, v in terms.items()}, t, finite_noted=True)
         return out
 
     def _write_back(self) -> None:
@@ -292,6 +299,10 @@ class _Stack:
         self.alpha = torch.zeros((), dtype=p.dtype, device=p.device)  # the fade-in, updated in place
         self.compile = lead.cfg.compile != "none"
         self._fn = None  # the vmapped (and maybe compiled) loss: built at the first step, the same after
+        # whether each member's losses were all finite, updated for all at once; each member reads its own
+        self.finite = torch.stack([m.finite_so_far for m in members])
+        for k, m in enumerate(members):
+            m.watch_finite(self.finite[k])
 
     def _load_optimizer_state(self) -> None:
         states = [m.opt.state_dict() for m in self.members]

@@ -218,12 +218,25 @@ class Trainer:
         self.opt.step()
         return self.stepped(out.loss, out.terms, t)
 
-    def stepped(self, loss: torch.Tensor, terms: dict, t: int) -> dict[str, torch.Tensor | float]:
+    def stepped(self, loss: torch.Tensor, terms: dict, t: int, finite_noted: bool = False
+                ) -> dict[str, torch.Tensor | float]:
         """Count one optimiser step on this trial's ``loss``, taken here or by a fused group that steps its
-        members at once: note whether the loss was finite, advance the step; the step's terms."""
-        self._finite &= torch.isfinite(loss.detach())  # checked at the next event: no per-step sync
+        members at once: note whether the loss was finite (unless the group's flag, ``watch_finite``, has),
+        advance the step; the step's terms."""
+        if not finite_noted:
+            self._finite &= torch.isfinite(loss.detach())  # checked at the next event: no per-step sync
         self.step += 1
         return self.step_terms(terms, t)
+
+    @property
+    def finite_so_far(self) -> torch.Tensor:
+        """A 0-dim bool tensor: whether every loss so far was finite (read at events, never per step)."""
+        return self._finite
+
+    def watch_finite(self, flag: torch.Tensor) -> None:
+        """From now on ``flag`` — a 0-dim bool view into a fused group's flags, which it updates for all its
+        members at once — says whether this trial's losses were all finite."""
+        self._finite = flag
 
     def _loss_at(self, x: torch.Tensor, stage: int, noise: dict, alpha: torch.Tensor, coef: dict):
         return self.family.loss(self.model, x, stage, 0, noise=noise, alpha=alpha, coef=coef)

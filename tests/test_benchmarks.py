@@ -141,3 +141,15 @@ def test_metric_suite_quick(provlae_home):
     for metric, seconds in out["seconds"].items():  # each metric's line, its seconds as in the JSON
         shown = [float(line.split()[1]) for line in printed if line.split()[:1] == [metric]]
         assert len(shown) == 1 and abs(shown[0] - seconds) <= 0.006, (metric, shown, seconds)
+
+
+def test_launch_count_quick_counts_fewer_operators_per_member_in_a_group(provlae_home):
+    """The CPU proxy of a launch-bound GPU's cost: operators dispatched per member-step. Counts, not times:
+    the same on any machine, so the guard is firm (K = 40 is at 30x in the full run; K = 8 at about 7x)."""
+    proc = run_script("launch_count.py", "--quick", home=provlae_home, timeout=300)
+    out = last_json(proc)
+    assert out["name"] == "launch_count" and set(out["per_member_step"]) == {"1", "8"}
+    assert out["solo_ops_per_step"] > 100
+    for k, per in out["per_member_step"].items():
+        assert out["ratio"][k] == pytest.approx(out["solo_ops_per_step"] / per, rel=1e-2)
+    assert out["ratio"]["8"] >= 6  # a group of 8 dispatches at least 6x fewer operators per member-step
