@@ -61,7 +61,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from provlae import plugins
-from provlae.plan import make_plan
 from sweeps import grid
 from sweeps.cli import SweepOptions, add_sweep_args, plan_target, registered, resolve_common, run_main
 from sweeps.search_space import (
@@ -71,6 +70,7 @@ from sweeps.search_space import (
     check_inputs,
     describe_distribution,
     parse_seed_list,
+    search_plan,
 )
 
 DEFAULT_CONCURRENCY = 2
@@ -132,8 +132,7 @@ def describe(spec: SearchSpec, options: SweepOptions) -> str:
         lines.append("early stopping: off (--no-early-stopping)")
     else:
         lines.append("early stopping: none (a single-stage family is never stopped early)")
-    members = [base.with_overrides({"seed": s}) for s in spec.seeds]  # one configuration: its seeds, fused
-    plan = make_plan([members] * spec.trials, plan_target(options))
+    plan = search_plan(spec, plan_target(options))
     lines += plan.lines()
     if spec.rungs and plan.measured:
         lines.append("  note: an upper bound: ASHA stops some configurations at a stage end")

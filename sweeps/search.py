@@ -16,7 +16,7 @@ from typing import Any
 
 from provlae.errors import ConfigError
 from sweeps import sweep_folder, tracking
-from sweeps.cli import SweepOptions
+from sweeps.cli import SweepOptions, plan_target
 from sweeps.driver import Sweep, cli_reporter, drive, restored_tuner, run_config, where_lines
 from sweeps.search_space import (
     LOWER_IS_BETTER,
@@ -31,6 +31,7 @@ from sweeps.search_space import (
     check_inputs,
     default_mode,
     describe_distribution,
+    search_plan,
     parse_seed_list,
     search_document,
 )
@@ -72,7 +73,7 @@ class Search(Sweep):
         return check_manifest(self.options.folder, self.spec, uri, self.options.experiment, write=write)
 
     def params(self) -> dict[str, Any]:
-        return self.spec.describe()
+        return {**self.spec.describe(), **search_plan(self.spec, plan_target(self.options)).params()}
 
     def opened(self, mlflow, parent: str) -> None:
         mlflow.log_dict(parent, search_document(self.spec), "search_space.json")

@@ -166,3 +166,11 @@ def search_document(spec: SearchSpec) -> dict[str, Any]:
                                "reduction_factor": REDUCTION_FACTOR} if spec.rungs else None,
             "base": spec.base.to_dict()}
 
+
+def search_plan(spec: SearchSpec, target):
+    """The search's compute plan (``provlae.plan``): each of its configurations one Tune trial, its seeds a
+    fused group; an upper bound where ASHA stops configurations early."""
+    from provlae.plan import make_plan
+
+    members = [spec.base.with_overrides({"seed": s}) for s in spec.seeds]
+    return make_plan([members] * spec.trials, target)

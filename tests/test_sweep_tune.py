@@ -131,6 +131,10 @@ def test_smoke_sweep_tracks_one_run_per_trial(local_ray, store, capsys, check_sw
                      f"?workflowType=machine_learning")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     parent = client(store).search_runs([exp.experiment_id], "tags.`provlae.role` = 'sweep'")[0]
+    # its compute plan, as --dry-run prints it (the estimate itself depends on what this machine measured)
+    assert parent.data.params["plan_trials"] == parent.data.params["plan_tune_trials"] == str(len(expected))
+    assert parent.data.params["plan_train_images"] == str(sum(c.total_steps * c.batch_size
+                                                              for c in expected.values()))
     logged = client(store).list_artifacts(parent.info.run_id, "report")
     assert [a.path for a in logged] == ["report/index.html"]
     html = page.read_text()
