@@ -7,8 +7,10 @@
     print(verdict(compare(top)))         # which family leads each metric, and by how much
     write_figures(top, "figures/")       # Fig. 2 and Fig. 3 per dataset
     write_report("provlae", "report/")   # all of it on one HTML page: report/index.html
+    evaluate("provlae", metrics="mig_hist,udr")  # metrics from stored representations, into the runs
 
-The same from the shell: ``python -m analysis top3|figures|export|compare|trials|report --experiment NAME``.
+The same from the shell: ``python -m analysis top3|figures|export|compare|trials|report|evaluate --experiment
+NAME``.
 """
 import importlib
 
@@ -16,13 +18,14 @@ import importlib
 # record's names, which the sweep's trials import) loads no pandas, matplotlib or MLflow.
 _HOMES = {
     "AnalysisError": "analysis.errors",
+    "evaluate": "analysis.evaluate",
     "write_figures": "analysis.figures", "write_stage_figure": "analysis.figures",
     "write_report": "analysis.report",
     "export_parquet": "analysis.runs", "load_runs": "analysis.runs", "load_sweeps": "analysis.runs",
     "stage_information": "analysis.runs", "sweep_counts": "analysis.runs",
     "METRICS": "analysis.topk", "best_per_family": "analysis.topk", "compare": "analysis.topk",
     "paper_ordering": "analysis.topk", "rank_trials": "analysis.topk", "top_k": "analysis.topk",
-    "verdict": "analysis.topk", "wide": "analysis.topk",
+    "udr_agreement": "analysis.topk", "verdict": "analysis.topk", "wide": "analysis.topk",
 }
 __all__ = list(_HOMES)
 

@@ -8,6 +8,7 @@
 - ``trainable`` the grid's thin trainables: one trial (-> Trainer), or a fused group (-> FusedTrainer)
 - ``driver``    the one sweep driver: checks, lease, Ray, parent run, Tuner, an outage-proof end
 - ``launch``    the grid's part: manifest, Tuner, summary, study report
+- ``eta``       the line under each status table: trials finished / running / pending, images, expected end
 - ``search``    an adaptive search (Optuna TPE + ASHA) over one family and dataset: its manifest and
                 Tuner (``search_space``: the spec; ``search_trainable``: one configuration's seeds as one
                 fused group; ``search_summary``: the table, the best, the study)
