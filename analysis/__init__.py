@@ -7,6 +7,7 @@
     print(verdict(compare(top)))         # which family leads each metric, and by how much
     write_figures(top, "figures/")       # Fig. 2 and Fig. 3 per dataset
     write_report("provlae", "report/")   # all of it on one HTML page: report/index.html
+    from analysis.evaluate import evaluate
     evaluate("provlae", metrics="mig_hist,udr")  # metrics from stored representations, into the runs
 
 The same from the shell: ``python -m analysis top3|figures|export|compare|trials|report|evaluate --experiment
@@ -18,7 +19,6 @@ import importlib
 # record's names, which the sweep's trials import) loads no pandas, matplotlib or MLflow.
 _HOMES = {
     "AnalysisError": "analysis.errors",
-    "evaluate": "analysis.evaluate",
     "write_figures": "analysis.figures", "write_stage_figure": "analysis.figures",
     "write_report": "analysis.report",
     "export_parquet": "analysis.runs", "load_runs": "analysis.runs", "load_sweeps": "analysis.runs",
