@@ -52,6 +52,9 @@ STAGE_END_METRICS = ("mig", "mig_sup", "factor_score", "recon_error", "mi_total"
 # What the evaluation stage (analysis/evaluate.py) logs from stored representations, at each stage's step.
 EVALUATED_METRICS = (*SUITE_VALUES, UDR)
 NEED_FACTORS = frozenset({"mig", "mig_sup", "factor_score", "active_units", *SUITE_VALUES})  # need ground truth
+# What a finished trial measured, logged at its last step: its group's training img/s (all members' images)
+# and the mean seconds of one stage-end evaluation (also in the node's throughput table, provlae.throughput).
+TRAIN_IMG_S, EVAL_SECONDS = "train_img_s", "eval_seconds"
 LOWER_IS_BETTER = frozenset({"recon_error", "loss", "recon"})  # the rest: higher is better
 
 

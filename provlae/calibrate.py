@@ -15,7 +15,7 @@ import torch
 
 from provlae import data as datasets
 from provlae.config import TrialConfig
-from provlae.device import resolve_device
+from provlae.device import device_name, resolve_device
 from provlae.fused import FusedTrainer, resolve_kernels
 from provlae.throughput import Measurement
 from provlae.train import Trainer
@@ -23,14 +23,6 @@ from provlae.train import Trainer
 SUBSET = 8192  # images resident while measuring
 EVAL_IMAGES = 4096
 WARMUP = 3
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def sync(device: torch.device) -> None:

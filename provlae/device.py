@@ -85,3 +85,12 @@ def available_memory(device: torch.device) -> tuple[int, int]:
     free, total = torch.cuda.mem_get_info(device)
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return free + max(0, cached), total
+
+
+def device_name(device: torch.device) -> str:
+    """What a throughput measurement says it ran on: the GPU's name, or the CPU and its torch threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

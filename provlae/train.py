@@ -106,6 +106,7 @@ class Trainer:
         self.history: list[dict] = []  # evaluation at each stage end
         self.last_terms: dict[str, float] = {}
         self.train_seconds = 0.0
+        self.eval_seconds, self.evaluations = 0.0, 0  # the stage-end evaluations' time, and how many
         self.resumed_across_devices = False
         self._finite = torch.ones((), dtype=torch.bool, device=self.device)  # every loss so far finite
         self._clock = (time.perf_counter(), 0)  # (time, step) the img/s and train_seconds count from
@@ -166,8 +167,10 @@ class Trainer:
             img_s = (self.step - n0) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
             cb(Event("step", self.step, self.stage, {**terms, "img_s": img_s}))
         if self.step % per_stage == 0:
-            self.train_seconds += time.perf_counter() - self._clock[0]
+            now = time.perf_counter()
+            self.train_seconds += now - self._clock[0]
             result = self.evaluate()
+            self.eval_seconds, self.evaluations = self.eval_seconds + time.perf_counter() - now, self.evaluations + 1
             self.history.append({"stage": self.stage, "step": self.step, **result})
             cb(Event("stage_end", self.step, self.stage, {**result, "stage": float(self.stage)}))
             self.start_clock()
@@ -285,6 +288,23 @@ class Trainer:
                                mi_samples=cfg.mi_samples, train_votes=cfg.factor_train_votes,
                                eval_votes=cfg.factor_eval_votes, seed=cfg.seed, device=self.device)
 
+    def measured(self, fuse: int = 1, kernels: str = "solo"):
+        """What this trial measured (``provlae.throughput.Measurement``): its training img/s (a fused
+        member's: its group's, all ``fuse`` members' images) and seconds per evaluation; None before a stage
+        ended."""
+        from provlae.device import device_name
+        from provlae.throughput import Measurement
+
+        if self.train_seconds <= 0 or not self.evaluations:
+            return None
+        cfg = self.cfg
+        return Measurement(device=self.device.type, device_name=device_name(self.device), dataset=cfg.dataset,
+                           family=cfg.family, batch_size=cfg.batch_size, fuse=fuse, kernels=kernels,
+                           dtype=cfg.dtype, compile=cfg.compile,
+                           train_img_s=fuse * self.step * cfg.batch_size / self.train_seconds,
+                           eval_s=self.eval_seconds / self.evaluations, eval_images=len(self.eval_index()),
+                           source="trial", measured_at=time.time(), mi_samples=cfg.mi_samples)
+
     def final_metrics(self) -> dict[str, float]:
         """The last stage's evaluation plus the final training loss (model-derived numbers only)."""
         final = {k: v for k, v in self.history[-1].items() if k not in ("stage", "step")}
@@ -344,6 +364,8 @@ class Trainer:
             "history": self.history,
             "last_terms": self.last_terms,
             "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds,
+            "evaluations": self.evaluations,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -385,6 +407,8 @@ class Trainer:
         self._perm_on_device = None
         self.history, self.last_terms = state["history"], state["last_terms"]
         self.train_seconds = state["train_seconds"]
+        self.eval_seconds = state.get("eval_seconds", 0.0)  # (checkpoints written before they were counted)
+        self.evaluations = state.get("evaluations", 0)
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():

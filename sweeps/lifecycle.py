@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from ray import tune
 
+from analysis.record import EVAL_SECONDS, TRAIN_IMG_S
 from provlae import plugins
 from provlae.config import TrialConfig
 from provlae.errors import CheckpointError, TrainingDiverged
@@ -102,11 +103,27 @@ class Trial:
             trainer.write_representation(folder)
             self.runs[i].log_representation(Path(folder))
 
-    def finish(self, i: int, trainer) -> None:
-        """Member i's trained figures into its run, then the run FINISHED."""
+    def finish(self, i: int, trainer, fuse: int = 1, kernels: str = "solo") -> None:
+        """Member i's trained figures into its run, what it measured (``train_img_s``, ``eval_seconds``)
+        into its run and into this node's throughput table, then the run FINISHED."""
+        measured = trainer.measured(fuse, kernels)
+        if measured is not None:
+            self.runs[i].log(trainer.step, {TRAIN_IMG_S: measured.train_img_s, EVAL_SECONDS: measured.eval_s})
+            record_throughput(measured)
         with tempfile.TemporaryDirectory(prefix="provlae-figures-") as folder:
             trainer.write_figures(folder)
             self.runs[i].finish(Path(folder))
+
+
+def record_throughput(measured) -> None:
+    """Into this node's throughput table, which plans read; a table that cannot take it (damaged, a
+    read-only home) is said in one line and left as it is: the trial's record does not depend on it."""
+    from provlae.throughput import ThroughputError, add
+
+    try:
+        add([measured])
+    except (ThroughputError, OSError) as e:
+        print(f"note: the throughput table was not updated: {e}", flush=True)
 
 
 def divergence(error: str) -> TrainingDiverged:

@@ -84,7 +84,7 @@ def _train_seeds(base: TrialConfig, trial: Trial, live: list[int], objective: st
             reached = group.run(on_event, until=end)  # raises the first divergence (see _group_logger)
             for j, final in enumerate(reached):
                 if final:  # the member reached the end
-                    trial.finish(live[j], group.members[j])
+                    trial.finish(live[j], group.members[j], len(group.live), group.kernels)
         values = [_stage_value(group.members[slot[i]].history, end, objective) if i in slot
                   else _logged_value(trial.runs[i], end, objective) for i in range(len(trial.runs))]
         finals = []

@@ -148,4 +148,4 @@ def _train_members(trial: Trial, todo: list[int], kernels: str) -> None:
     finals = group.run(on_event, on_checkpoint=on_checkpoint)
     for j, final in enumerate(finals):
         if final is not None:
-            trial.finish(todo[j], group.members[j])
+            trial.finish(todo[j], group.members[j], len(group.live), group.kernels)

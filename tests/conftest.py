@@ -127,6 +127,7 @@ def _check_sweep_runs(tracking_uri: str, experiment: str, sweep: str, configs: d
         assert run.info.status == "FINISHED", (run.info.run_name, run.info.status, tags.get("error"))
         assert "error" not in tags
         assert {"mig", "mig_sup", "factor_score", "recon_error", "loss"} <= set(run.data.metrics)
+        assert run.data.metrics["train_img_s"] > 0 and run.data.metrics["eval_seconds"] > 0  # what it measured
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert "config.json" in artifacts
         figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}

@@ -142,6 +142,11 @@ def test_smoke_sweep_tracks_one_run_per_trial(local_ray, store, capsys, check_sw
     assert "<h2>Top-1 per dataset</h2>" in html  # one seed per cell: the top 1, no cell incomplete
     for run in runs.values():  # what the trial ran on, for the report
         assert run.data.tags["hardware"].startswith("cpu: ")
+    # what each trial measured, also in this node's throughput table, where plans read it
+    from provlae.throughput import read_table
+
+    measured = {(m.family, m.source) for m in read_table() if m.measured_at >= exp.creation_time / 1000 - 1}
+    assert {(c.family, "trial") for c in expected.values()} <= measured
     pro = runs["pro_vlae-dsprites-b1-s0"]
     assert history(store, pro.info.run_id, "loss") == [5, 10, 15, 20, 25, 30]  # every log_every steps
     assert history(store, pro.info.run_id, "mig") == [10, 20, 30]  # every stage end

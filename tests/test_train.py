@@ -294,3 +294,15 @@ def test_device_memory_counts_what_the_caching_allocator_holds_free(monkeypatch)
     devices.check_device_memory(cuda, int(2.5 * gib), "the images")  # 2.75 GiB with headroom: fits in 3
     with pytest.raises(ConfigError, match=r"the images \(2.80 GiB\) do not fit on cuda:0 \(3.00 GiB free of 8.00"):
         devices.check_device_memory(cuda, int(2.8 * gib), "the images")
+
+
+def test_a_trial_measures_its_training_rate_and_evaluations():
+    trainer = Trainer(tiny())
+    trainer.run()
+    m = trainer.measured()
+    assert (m.device, m.fuse, m.kernels, m.source, m.batch_size) == ("cpu", 1, "solo", "trial", 16)
+    assert m.train_img_s == pytest.approx(trainer.step * 16 / trainer.train_seconds)
+    assert trainer.evaluations == 3 and m.eval_s == pytest.approx(trainer.eval_seconds / 3) and m.eval_s > 0
+    assert m.eval_images == 200 and m.mi_samples == 200
+    assert trainer.measured(fuse=4, kernels="batched").train_img_s == pytest.approx(4 * m.train_img_s)
+    assert Trainer(tiny()).measured() is None  # nothing trained or evaluated yet
