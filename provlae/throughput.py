@@ -77,11 +77,16 @@ def read_table(path: str | Path | None = None) -> list[Measurement]:
 
 
 def add(measurements: list[Measurement], path: str | Path | None = None) -> Path:
-    """Append to the table, written whole (never half-written); a damaged table is left as it is."""
+    """Append to the table, written whole (never half-written) under a lock (the trials of a node finish
+    at the same time); a damaged table is left as it is."""
+    import fcntl
+
     path = Path(path) if path is not None else table_path()
-    rows = [*read_table(path), *measurements][-MAX_ENTRIES:]
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_atomic(path, json.dumps([asdict(m) for m in rows], indent=1) + "\n")
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        rows = [*read_table(path), *measurements][-MAX_ENTRIES:]
+        return write_atomic(path, json.dumps([asdict(m) for m in rows], indent=1) + "\n")
 
 
 def nearest(table: list[Measurement], device: str, device_name: str | None, dataset: str, family: str,

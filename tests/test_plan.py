@@ -100,7 +100,7 @@ def test_the_table_appends_whole_and_a_damaged_one_is_named(tmp_path):
     add([measured()], path)
     add([measured(fuse=4)], path)
     assert [m.fuse for m in read_table(path)] == [1, 4]
-    assert [p.name for p in tmp_path.iterdir()] == ["throughput.json"]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["throughput.json", "throughput.json.lock"]  # no temp file
     path.write_text('[{"device": "cpu"')
     with pytest.raises(ThroughputError, match=f"throughput table {path} cannot be read"):
         read_table(path)
@@ -153,6 +153,18 @@ def test_calibrate_measures_this_cpu_and_the_dry_run_plans_from_it(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --fuse must be a comma list of group sizes >= 1, got '0'"]
     assert len(read_table(tmp_path / "throughput.json")) == 2
+
+
+def test_writers_at_once_lose_no_measurement(tmp_path):
+    """The trials of a node finish at the same time, each adding to the table: none is lost."""
+    code = ("import sys; from provlae.throughput import Measurement, add; "
+            "m = Measurement('cpu', 'x', 'dsprites', 'pro_vlae', 8, 1, 'solo', 'float32', 'none', float(sys.argv[1]), "
+            "None, None, 'trial'); [add([m], sys.argv[2]) for _ in range(20)]")
+    path = tmp_path / "throughput.json"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i + 1), str(path)], cwd=ROOT) for i in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    assert sorted({m.train_img_s for m in read_table(path)}) == [1.0, 2.0, 3.0, 4.0]
+    assert len(read_table(path)) == 80
 
 
 def test_a_bad_plan_for_stops_the_sweep_script_with_one_line(tmp_path):
