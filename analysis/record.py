@@ -55,6 +55,7 @@ NEED_FACTORS = frozenset({"mig", "mig_sup", "factor_score", "active_units", *SUI
 # What a finished trial measured, logged at its last step: its group's training img/s (all members' images)
 # and the mean seconds of one stage-end evaluation (also in the node's throughput table, provlae.throughput).
 TRAIN_IMG_S, EVAL_SECONDS = "train_img_s", "eval_seconds"
+TIMINGS = frozenset({"img_s", TRAIN_IMG_S, EVAL_SECONDS})  # rates and durations, not numbers of the model
 LOWER_IS_BETTER = frozenset({"recon_error", "loss", "recon"})  # the rest: higher is better
 
 
