@@ -106,7 +106,7 @@ def test_a_diverging_member_fails_alone(local_ray, store, capsys, check_sweep_ru
 
 def test_bad_fuse_is_refused_before_anything_starts(store, capsys):
     assert run_main(main, sweep_args(store, "fused-bad", "--fuse", "0")) == 2
-    assert capsys.readouterr().err.strip() == "error: --fuse must be >= 1 (trials per fused group), got 0"
+    assert capsys.readouterr().err.strip() == "error: --fuse must be auto or >= 1 (trials per fused group), got 0"
     assert not (store / "ray" / "fused-bad").exists()
 
 
