@@ -126,7 +126,8 @@ def evaluate(experiment: str, tracking_uri: str | None = None, sweep: str | None
             say(f"{len(without)} run(s) store no stage {wanted} (fewer stages), skipped: {_names(without)}")
     todo = [j for j in jobs if j.suite]
     cells = udr_cells(jobs, force) if UDR in names else {}
-    outcome.up_to_date = sum(1 for j in jobs if not j.suite and not any(j in c for c in cells.values()))
+    in_cells = {id(j) for members in cells.values() for j in members}  # by identity: a Job holds arrays
+    outcome.up_to_date = sum(1 for j in jobs if not j.suite and id(j) not in in_cells)
     if not todo and not cells:
         say(f"nothing to compute: {len(jobs)} run-stage(s) already hold {', '.join(names)} (--force recomputes)")
         return outcome

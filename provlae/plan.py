@@ -132,8 +132,10 @@ class Plan:
                "plan_train_images": str(self.train_images), "plan_evaluations": str(self.evaluations),
                "plan_target": self.target.label()}
         if self.measured:
-            out.update(plan_wall_s=f"{self.wall_s:.0f}", plan_device_hours=f"{self.device_hours:.2f}",
+            out.update(plan_wall_s=f"{self.wall_s:.0f}",
                        plan_measured=" | ".join(m.label() for m in self.measurements())[:480])
+            if self.target.device != "cpu":  # a CPU plan counts core-hours, not device-hours
+                out["plan_device_hours"] = f"{self.device_hours:.2f}"
         else:
             out["plan_measured"] = "none"
         return out
