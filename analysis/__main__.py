@@ -189,10 +189,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     outcome = evaluate(args.experiment, args.tracking_uri, sweep=args.sweep, metrics=args.metrics,
                        stage=args.stage, force=args.force, address=args.address,
                        say=lambda line: print(line, flush=True))
-    print(outcome.summary())
-    for line in outcome.failures:
-        print(f"  {line}")
-    return 1 if outcome.failures else 0
+    return outcome.report()
 
 
 def cmd_trials(args: argparse.Namespace) -> None:

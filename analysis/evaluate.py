@@ -79,6 +79,13 @@ class Outcome:
             parts.append(f"{len(self.failures)} failed")
         return "evaluation: " + ", ".join(parts)
 
+    def report(self) -> int:
+        """Print the summary and each failure on its own line; the exit status (1 when a run failed)."""
+        print(self.summary())
+        for line in self.failures:
+            print(f"  {line}")
+        return 1 if self.failures else 0
+
 
 def parse_stage(stage) -> str | int:
     """"last", "all" or a stage's number (>= 0); AnalysisError otherwise."""

@@ -100,10 +100,7 @@ def evaluate_sweep(options: SweepOptions, uri: str) -> int:
     except ProvlaeError as e:
         print(f"evaluation: {e}")
         return 1
-    print(outcome.summary())
-    for line in outcome.failures:
-        print(f"  {line}")
-    return 1 if outcome.failures else 0
+    return outcome.report()
 
 
 def open_parent(sweep: Sweep, mlflow, uri: str) -> tracking.TrackingContext:
