@@ -71,17 +71,14 @@ def udr_scores(means: Sequence[np.ndarray], kls: Sequence[np.ndarray], indices: 
                          f"were they evaluated on the same data?")
     if len(shared) > points:
         shared = np.sort(np.random.default_rng(seed).choice(shared, points, replace=False))
-    rows = [np.searchsorted(index, shared) if _sorted(index) else _positions(index, shared) for index in indices]
+    rows = [_positions(np.asarray(index), shared) for index in indices]
     result = udr.udr([np.asarray(mu)[r] for mu, r in zip(means, rows)], kls, correlation="lasso", seed=seed)
     notes = [result["note"]] if result.get("note") else []
     return {"model_scores": result["model_scores"], "pairwise": result["pairwise"], "points": len(shared),
             "notes": notes}
 
 
-def _sorted(index: np.ndarray) -> bool:
-    return bool(np.all(index[1:] > index[:-1]))
-
-
 def _positions(index: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    where = {int(v): i for i, v in enumerate(index)}
-    return np.array([where[int(v)] for v in wanted], dtype=np.int64)
+    """Where each of ``wanted`` (all present) stands in ``index``, whatever its order."""
+    order = np.argsort(index, kind="stable")
+    return order[np.searchsorted(index, wanted, sorter=order)]
