@@ -59,6 +59,7 @@ import torch
 
 from provlae import data
 from provlae import train as train_module
+from provlae.calibrate import at_last_stage
 from provlae.config import TrialConfig
 from provlae.device import images_tensor, resolve_device
 from provlae.evaluate import columns_in_use
@@ -250,11 +251,7 @@ def section_fused(cfg: TrialConfig, ds, device: torch.device, k: int, p: dict, s
 
 def section_eval(cfg: TrialConfig, ds, device: torch.device) -> float:
     """One stage-end evaluation at the last stage, timed apart: encoding, then the metrics."""
-    cfg = cfg.with_overrides({"steps_per_stage": 2})  # reach the last stage in a few steps
-    trainer = Trainer(cfg, dataset=ds)
-    trainer.evaluate = dict  # the stage ends on the way are not evaluated (an empty result)
-    trainer.run(until=cfg.stage_steps * (cfg.num_stages - 1) + 1)
-    del trainer.evaluate
+    trainer = at_last_stage(cfg, ds)
     encode, spans = train_module.encode, {}
 
     def timed_encode(*args, **kwargs):

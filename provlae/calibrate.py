@@ -77,13 +77,20 @@ def steps_per_second(trainer, device: torch.device, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def evaluation_seconds(cfg: TrialConfig, ds, device: torch.device) -> tuple[float, int]:
-    """One evaluation at the last stage, after a step into it (the stage ends on the way not evaluated)."""
-    cfg = cfg.with_overrides({"steps_per_stage": 2, "fade_in_steps": 1})
+def at_last_stage(cfg: TrialConfig, ds) -> Trainer:
+    """A trainer one step into ``cfg``'s last stage (2 steps per stage; the stage ends on the way are not
+    evaluated): what a trial's dearest evaluation, the one with the most latents, is measured on."""
+    cfg = cfg.with_overrides({"steps_per_stage": 2})
     trainer = Trainer(cfg, dataset=ds)
     trainer.evaluate = dict  # the stage ends on the way: an empty result, no evaluation
     trainer.run(until=cfg.stage_steps * (cfg.num_stages - 1) + 1)
     del trainer.evaluate
+    return trainer
+
+
+def evaluation_seconds(cfg: TrialConfig, ds, device: torch.device) -> tuple[float, int]:
+    """One evaluation at the last stage, timed."""
+    trainer = at_last_stage(cfg, ds)
     sync(device)
     t0 = time.perf_counter()
     trainer.evaluate()
