@@ -159,6 +159,41 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
     assert not (tmp_path / "ray").exists()  # stopped before the sweep folder and Ray
 
 
+def test_the_patience_for_an_absent_tracking_server_is_spent_once(monkeypatch):
+    """A driver's end makes one call per failed trial: once a call has waited the whole patience, the next
+    that finds the server away gives up at once; a call that reaches the server starts the patience again."""
+    from mlflow.exceptions import MlflowException
+
+    from sweeps import store
+
+    class Away:
+        calls, up, tracking_uri = 0, False, "http://127.0.0.1:1"
+
+        def get_run(self, run_id):
+            Away.calls += 1
+            if not Away.up:
+                raise MlflowException("API request to http://127.0.0.1:1/api failed with exception refused")
+            return run_id
+
+    monkeypatch.setattr(store, "RETRY_EVERY", 0.05)
+    client = store.PatientClient(Away(), patience=0.4)
+    waited = []
+    for _ in range(3):
+        start = time.monotonic()
+        with pytest.raises(store.TrackingError, match="unreachable for more than 0.4 s"):
+            client.get_run("r")
+        waited.append(time.monotonic() - start)
+    assert waited[0] >= 0.4 and max(waited[1:]) < 0.2, waited
+    assert Away.calls >= 1 + 8 + 2  # the first call tried every RETRY_EVERY, the next two once each
+    Away.up = True
+    assert client.get_run("r") == "r"
+    Away.up = False
+    start = time.monotonic()
+    with pytest.raises(store.TrackingError):
+        client.get_run("r")
+    assert time.monotonic() - start >= 0.4  # back, then away again: a new wait
+
+
 def test_a_sweep_name_resumes_only_its_own_grid(tmp_path):
     from sweeps.launch import check_manifest
 
