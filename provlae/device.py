@@ -1,9 +1,11 @@
-"""The device a trial trains on: which one, what precision it can run, and the dataset's copy on it.
+"""The device a trial trains on: which one, what precision it can run, its compiled steps, and the dataset's
+copy on it.
 
 Plain PyTorch, used by the trainer (``provlae.train``), the fused trainer and the benchmarks.
 """
 from __future__ import annotations
 
+import types
 import warnings
 
 import numpy as np
@@ -41,6 +43,20 @@ def set_tf32(enabled: bool) -> None:
     """TF32 for CUDA matmuls and convolutions, on or off explicitly (the process-wide switch)."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
+
+
+def compiled(fn):
+    """``torch.compile(fn)`` over a copy of ``fn`` with a code object of its own.
+
+    Dynamo keeps a function's graphs, and counts its recompiles, per code object; past the limit
+    (``recompile_limit``, 8) it silently runs that code eagerly. Trainers compile the same code for each
+    family and stage, fused stacks the same vmap wrapper, and a reused Tune actor trains one trial after
+    another: with one shared code object, the ninth compiled stage in a process would run eagerly. A copy
+    per compiled stage compiles once, and its graphs go with it."""
+    code = fn.__code__.replace()  # equal, but another object
+    copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return torch.compile(copy, dynamic=False)
 
 
 _DEVICE_IMAGES: dict[tuple, tuple[np.ndarray, torch.Tensor]] = {}  # one device copy of a dataset per process

@@ -32,6 +32,7 @@ from provlae import data as datasets
 from provlae.atomic import write_atomic
 from provlae.config import TrialConfig
 from provlae.errors import CheckpointError, ConfigError, TrainingDiverged
+from provlae.device import compiled
 from provlae.evaluate import batches_to_float
 from provlae.train import Event, Trainer
 
@@ -332,8 +333,14 @@ class _Stack:
                     modules, {**{f"model.{n}": v for n, v in params.items()}, **frozen},
                     (x, stage, alpha, rebuild_noise(noise_tensors), rebuild_coef(coef_tensors)))
 
-            fn = torch.func.vmap(one, in_dims=(0, 0, 0, 0, 0, None))
-            self._fn = torch.compile(fn, dynamic=False) if self.compile else fn
+            vmapped = torch.func.vmap(one, in_dims=(0, 0, 0, 0, 0, None))
+            if self.compile:  # through a function of the stack's own (vmap's wrapper is one code for all)
+                def stacked_loss(*args):
+                    return vmapped(*args)
+
+                self._fn = compiled(stacked_loss)
+            else:
+                self._fn = vmapped
         self.alpha.fill_(alpha)
         return self._fn(self.params, self.frozen, x, noise_tensors, self._coef, self.alpha)
 

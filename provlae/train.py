@@ -36,7 +36,7 @@ from provlae.checkpoint import (
     read_checkpoint,
 )
 from provlae.config import TrialConfig, config_identity
-from provlae.device import check_precision, images_tensor, resolve_device, set_tf32
+from provlae.device import check_precision, compiled, images_tensor, resolve_device, set_tf32
 from provlae.errors import ConfigError, TrainingDiverged
 from provlae.evaluate import batches_to_float, disentanglement, encode
 from provlae.figures import information_per_stage, model_figures, stage_figures
@@ -44,6 +44,7 @@ from provlae.models import LadderVAE, build_family
 from provlae.models.ladder import check_image_shape
 
 PARAM_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}
+_STAGE_LOSSES: dict[tuple, Callable] = {}  # compile=torch: each (family, stage, shape) compiled once per process
 
 
 @dataclass
@@ -115,9 +116,6 @@ class Trainer:
         self._alpha = torch.zeros((), dtype=self.dtype, device=self.device)
         self._coef: dict = {}
         self._coef_stage: int | None = None  # the stage _coef was made for
-        # The function, not the bound method: a bound method would hold the trainer (a reference cycle, its
-        # device memory freed only by the cycle collector). Called with the trainer as its first argument.
-        self._compiled = None if cfg.compile == "none" else torch.compile(Trainer._loss_at, dynamic=False)
 
     # ------------------------------------------------------------------ the loop
     def run(self, callback: Callable[[Event], None] | None = None, until: int | None = None) -> dict[str, float]:
@@ -211,11 +209,11 @@ class Trainer:
         t = self.steps_into_stage
         noise = self.family.draw_noise(self.model, self.stage, x.shape[0], self.noise_gen)
         with self.autocast():
-            if self._compiled is None:
+            if self.cfg.compile == "none":
                 out = self.family.loss(self.model, x, self.stage, t, noise=noise)
             else:
                 self._alpha.fill_(self.family.alpha(self.stage, t))
-                out = self._compiled(self, x, self.stage, noise, self._alpha, self._coefficient_tensors())
+                out = self._compiled_loss(x)(self, x, self.stage, noise, self._alpha, self._coefficient_tensors())
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         self.opt.step()
@@ -240,6 +238,19 @@ class Trainer:
         """From now on ``flag`` — a 0-dim bool view into a fused group's flags, which it updates for all its
         members at once — says whether this trial's losses were all finite."""
         self._finite = flag
+
+    def _compiled_loss(self, x: torch.Tensor):
+        """The stage's compiled loss, one per family, stage and shape of the step in a process
+        (``provlae.device.compiled``: a code object of its own, so no stage's graph pushes another's past
+        the recompile limit), shared by trainers of any beta and seed: the weights enter as tensors. Of the
+        function, not the bound method: a bound method would hold the trainer (a reference cycle, its device
+        memory freed only by the cycle collector). Called with the trainer as its first argument."""
+        cfg = self.cfg
+        key = (cfg.family, self.stage, tuple(x.shape), cfg.dtype, str(self.device), cfg.levels, cfg.z_dim,
+               cfg.hidden, cfg.channels)
+        if key not in _STAGE_LOSSES:
+            _STAGE_LOSSES[key] = compiled(Trainer._loss_at)
+        return _STAGE_LOSSES[key]
 
     def _loss_at(self, x: torch.Tensor, stage: int, noise: dict, alpha: torch.Tensor, coef: dict):
         return self.family.loss(self.model, x, stage, 0, noise=noise, alpha=alpha, coef=coef)
