@@ -23,10 +23,10 @@ from provlae.train import Trainer
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-7
 # Small: float64 convolutions on a CPU take the slow reference kernels, and every comparison below holds
-# at any batch size.
+# at any batch size and width (8 conv channels, 32 dense units: a quarter of the default's and less).
 BASE = dict(dataset="dsprites", subset=400, steps_per_stage=5, batch_size=8, log_every=1, fade_in_steps=3,
             mi_samples=100, factor_train_votes=40, factor_eval_votes=20, eval_subset=120, dtype="float64",
-            device="cpu")
+            device="cpu", channels=8, hidden=32)
 # three members that differ in everything a member may: seed, beta and the family's own member fields
 # (gamma for pro-VLAE, the teacher-student lambdas); ``members`` keeps those of one family
 MEMBERS = [dict(seed=0, beta=1.0, gamma=0.5, lambda_y=1.0, lambda_jac=1.0),
@@ -284,6 +284,53 @@ def test_compiled_steps_follow_the_eager_ones():
     for i in range(2):
         assert losses(group[i]) == pytest.approx(losses(want[i]), rel=1e-5)
         assert [e[2]["alpha"] for e in group[i] if e[0] == "step"] == [1.0, 1.0, 1.0, 0.0, 0.5]
+
+
+def test_compiled_steps_stay_compiled_past_the_recompile_limit(monkeypatch):
+    """A reused Tune actor trains trial after trial in one process, each stage compiled: more compiled
+    stages, solo and fused, than Dynamo's recompile limit (here 2, to keep the test short; 8 by default),
+    and every step still runs a compiled graph, each solo (family, stage, shape) compiled once and reused
+    by the trainer of another beta."""
+    import functools
+
+    from provlae import train
+
+    graphs, calls = [], [0]
+
+    def counting(gm, example_inputs):  # a backend that runs the captured graph as it is, and counts
+        graphs.append(gm)
+
+        def run(*args):
+            calls[0] += 1
+            return gm.forward(*args)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting))
+    monkeypatch.setattr(train, "_STAGE_LOSSES", {})  # none compiled by an earlier test
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{name: 2}):
+        _train_compiled_stages(graphs, calls)
+
+
+def _train_compiled_stages(graphs: list, calls: list) -> None:
+    torch._dynamo.reset()
+    kw = dict(BASE, dtype="float32", steps_per_stage=2, fade_in_steps=1, compile="torch", eval_subset=24,
+              mi_samples=20, factor_train_votes=10, factor_eval_votes=5)
+    steps, stages = 0, set()
+    for family, beta in [("pro_vlae", 1.0), ("vlae", 1.0), ("pro_vlae", 4.0)]:
+        cfg = TrialConfig.from_dict({**kw, "family": family, "beta": beta})
+        Trainer(cfg).run()
+        steps += cfg.total_steps
+        stages |= {(family, s) for s in range(cfg.num_stages)}
+    assert len(stages) == 4
+    assert (len(graphs), calls[0]) == (len(stages), steps)
+
+    del graphs[:]
+    calls[0] = 0
+    cfgs = [TrialConfig.from_dict({**kw, "family": "pro_vlae", **m}) for m in members("pro_vlae")[:2]]
+    FusedTrainer(cfgs, kernels="batched").run()  # a stack per stage, each compiled
+    assert (len(graphs), calls[0]) == (cfgs[0].num_stages, cfgs[0].total_steps)
 
 
 @pytest.mark.parametrize("compile_mode", ["none", "torch"])
