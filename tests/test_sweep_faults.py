@@ -5,7 +5,7 @@
   newest checkpoint and a damaged newest Tune state fall back to the ones before; the rerun finishes
   every trial in its one run, every step once, the numbers of an uninterrupted run;
 - the tracking server away for longer than ``--tracking-patience``: the trial fails with a clear error,
-  the summary prints, the rerun resumes into the same run; away for 45 s: the sweep waits it out;
+  the summary prints, the rerun resumes into the same run; away for 20 s: the sweep waits it out;
 - ``--max-failures -1`` with an error that repeats on every attempt ends the trial;
 - a sweep folder resumes only as it was started (store, kind) and a damaged manifest is one error.
 """
@@ -30,8 +30,9 @@ from sweeps.tracking import RESUMED_TAG
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-LONG = smoke.quick({"steps_per_stage": 60, "checkpoint_every": 10})  # long enough to be stopped mid-stage
-OUTAGE = 45  # seconds the tracking server is away while a trial waits for it (more than 40)
+# long enough to be stopped mid-stage: the preset's width
+LONG = smoke.quick({"steps_per_stage": 60, "checkpoint_every": 10, **smoke.WIDE})
+OUTAGE = 20  # seconds the tracking server is away while a trial waits for it: four of its 5-second retries
 
 
 @pytest.fixture(scope="module")

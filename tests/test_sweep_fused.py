@@ -6,6 +6,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+import smoke
 
 from analysis import record
 from sweeps import grid
@@ -16,9 +17,10 @@ from sweeps.trainable import train_group
 
 pytestmark = pytest.mark.slow
 GRID = ["--families", "pro_vlae,teacher_student", "--betas", "1,4"]  # 4 trials, members differing in beta
-# float64: the fused and solo numbers agree to 1e-7. Batches of 8 and metrics on 200 of the 1,000 images: float64
-# convolutions take a CPU's slow reference kernels, and the comparison holds at any size.
-FLOAT64 = ["--set", "dtype=float64", "--set", "eval_subset=200", "--set", "batch_size=8"]
+# float64: the fused and solo numbers agree to 1e-7. Batches of 8, the tests' narrow network and metrics on 200
+# of the 1,000 images: float64 convolutions take a CPU's slow reference kernels, and the comparison holds at
+# any size.
+FLOAT64 = ["--set", "dtype=float64", "--set", "batch_size=8", *smoke.quick_args()]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def test_group_trainable_pickles(local_ray):
 
 
 def test_fused_sweep_records_what_the_solo_sweep_does(local_ray, store, capsys, check_sweep_runs):
-    want = expected(dtype="float64", eval_subset="200", batch_size="8")
+    want = expected(**smoke.quick({"dtype": "float64", "batch_size": "8"}))
     assert main(sweep_args(store, "solo", *GRID, *FLOAT64)) == 0
     solo = check_sweep_runs(uri(store), "fused", "solo", want)
     fused_args = sweep_args(store, "fused2", *GRID, *FLOAT64, "--fuse", "2", "--fused-kernels", "batched")
@@ -92,13 +94,13 @@ def test_fused_sweep_records_what_the_solo_sweep_does(local_ray, store, capsys, 
 def test_a_diverging_member_fails_alone(local_ray, store, capsys, check_sweep_runs):
     # beta = 1e39 is finite in the config (float64) but inf in the float32 loss: Inf at step 1.
     args = sweep_args(store, "fused-nan", "--families", "beta_vae", "--betas", "1,1e39", "--fuse", "2",
-                      "--fused-kernels", "batched")
+                      "--fused-kernels", "batched", *smoke.quick_args())
     assert main(args) == 1
     out = capsys.readouterr().out
     assert "1 of 2 trial(s) failed" in out and "TrainingDiverged" in out
     bad = "beta_vae-dsprites-b1e+39-s0"
     want = {c.run_name: c for c in grid.build_trials("smoke", families=["beta_vae"], betas=[1.0, 1e39],
-                                                     overrides={"device": "cpu"})}
+                                                     overrides=smoke.quick({"device": "cpu"}))}
     runs = check_sweep_runs(uri(store), "fused", "fused-nan", want, failed={bad})
     assert runs[bad].data.tags["error"].startswith("TrainingDiverged: loss became")
     assert runs["beta_vae-dsprites-b1-s0"].data.tags["ray_trial_id"] == runs[bad].data.tags["ray_trial_id"]

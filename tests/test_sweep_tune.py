@@ -186,8 +186,9 @@ def test_killed_worker_resumes_into_the_same_run(local_ray, store, check_sweep_r
 
     from provlae.train import Trainer
 
-    extra = ["--families", "pro_vlae", "--set", "steps_per_stage=20", "--set", "checkpoint_every=5"]
-    expected = trials({"steps_per_stage": "20", "checkpoint_every": "5"}, families=["pro_vlae"])
+    long = {"steps_per_stage": "20", "checkpoint_every": "5", **smoke.WIDE}  # stopped mid-stage
+    extra = ["--families", "pro_vlae", *[f"--set={k}={v}" for k, v in long.items()]]
+    expected = trials(long, families=["pro_vlae"])
     killed: list[int] = []
     thread = threading.Thread(target=_kill_worker_after_step, args=(store, "fault", 10, killed), daemon=True)
     thread.start()

@@ -17,8 +17,9 @@ from provlae.models.ladder import check_image_shape
 from provlae.train import Event, Trainer, check_data
 
 ROOT = Path(__file__).resolve().parents[1]
+# A narrow network (8 conv channels, 32 dense units): what these tests check holds at any width.
 TINY = dict(dataset="dsprites", subset=600, steps_per_stage=8, batch_size=16, log_every=4, fade_in_steps=4,
-            mi_samples=200, factor_train_votes=60, factor_eval_votes=40, eval_subset=200)
+            mi_samples=200, factor_train_votes=60, factor_eval_votes=40, eval_subset=200, channels=8, hidden=32)
 
 
 def tiny(**kw) -> TrialConfig:

@@ -20,7 +20,7 @@ from sweeps.tracking import RESUMED_TAG
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = smoke.quick({"steps_per_stage": "25", "checkpoint_every": "5"})
+STEPS = smoke.quick({"steps_per_stage": "25", "checkpoint_every": "5", **smoke.WIDE})  # stopped mid-trial
 
 
 @pytest.fixture(scope="module")
