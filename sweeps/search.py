@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from provlae.errors import ConfigError
@@ -212,9 +213,22 @@ def make_tuner(spec: SearchSpec, options: SweepOptions, ctx: tracking.TrackingCo
                                     # a stopped configuration's actor goes at once: its training thread
                                     # would notice the stop only at its next report, a stage end away
                                     reuse_actors=False, trial_dirname_creator=trial_dirname),
-        run_config=run_config(options, reporter(spec)),
+        run_config=run_config(options, reporter(spec, planned_s(spec, options))),
     ), False
 
 
-def reporter(spec: SearchSpec):
-    return cli_reporter(list(spec.space), {"step": "step", spec.objective: spec.objective})
+def planned_s(spec: SearchSpec, options: SweepOptions) -> float | None:
+    """The plan's wall time for the ETA line (None where nothing was measured)."""
+    wall = search_plan(spec, plan_target(options)).wall_s
+    return None if math.isnan(wall) else wall
+
+
+def reporter(spec: SearchSpec, planned_s: float | None = None):
+    """One row per configuration with its sampled values; under the table, the search's expected end
+    (``sweeps.eta``: every configuration's seeds trained together, the ones not yet proposed pending)."""
+    from sweeps.eta import Progress, configuration_images
+
+    per_step = spec.base.batch_size * len(spec.seeds)
+    progress = Progress(planned_s, configuration_images(per_step, spec.base.total_steps),
+                        expected=(spec.trials, per_step * spec.base.total_steps))
+    return cli_reporter(list(spec.space), {"step": "step", spec.objective: spec.objective}, progress)

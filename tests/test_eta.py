@@ -73,3 +73,22 @@ def test_without_a_plan_it_waits_for_progress_and_a_resumed_driver_starts_afresh
 @pytest.mark.parametrize("status", ["ERROR", "TERMINATED"])
 def test_failed_trials_count_as_finished(status):
     assert Progress().line([solo(status, 10)]).startswith("ETA: 1 of 1 trials finished")
+
+
+def configuration(status: str, step: int):
+    return SimpleNamespace(status=status, config={"trial": {}}, last_result={"step": step})
+
+
+def test_a_search_counts_the_configurations_not_yet_proposed_and_what_a_stopped_one_trained():
+    """4 configurations of 3 seeds, batch 50, 300 steps: 45,000 images each. Tune has created two so far:
+    one stopped early by ASHA at step 100 (15,000 images: its whole part), one running at step 200."""
+    from sweeps.eta import configuration_images
+
+    images_of = configuration_images(3 * 50, 300)
+    assert images_of(configuration("RUNNING", 200)) == (30_000, 45_000)
+    assert images_of(configuration("TERMINATED", 100)) == (15_000, 15_000)
+    progress = Progress(images_of=images_of, clock=Clock(0.0), expected=(4, 45_000))
+    line = progress.line([configuration("TERMINATED", 100), configuration("RUNNING", 200)])
+    assert line.startswith("ETA: 1 of 4 trials finished, 1 running, 2 pending; 45k of 150k images trained (30%)")
+    done = progress.line([configuration("TERMINATED", 300)] * 4)
+    assert "4 of 4 trials finished" in done and "180k of 180k images trained (100%)" in done

@@ -265,6 +265,9 @@ def test_smoke_search_tracks_each_trial_and_the_best(local_ray, provlae_home, tm
                      "--address", local_ray)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    eta = [line for line in done.stdout.splitlines() if line.startswith("ETA: ")]  # under each status table
+    assert eta and eta[-1].startswith("ETA: 4 of 4 trials finished, 0 running, 0 pending; "), eta[-1:]
+    assert "(100%); ended after " in eta[-1]
 
     parent, trials = runs_of(tmp_path, "smoke")
     assert len(trials) == 4
