@@ -6,9 +6,10 @@ order, printing every figure as soon as it is measured:
 
   data       generating (first time on a machine) / loading the dataset, and copying it to the GPU
   solo       one trial's training img/s, eager (and its GPU memory: torch.cuda.max_memory_allocated
-             over what was allocated before, the resident dataset excluded)
+             over what was allocated before, the resident dataset excluded), and what one step launches:
+             CUDA kernels and copies (torch profiler), on a CPU (--tiny) the operators it dispatches
   fused      a fused group of K = 4, 8, 16 members (batched kernels: one vmap over the stacked members)
-             img/s counting all members' images, the ratio to solo and the GPU memory per member
+             img/s counting all members' images, the ratio to solo, the GPU memory and launches per member
   eval       one stage-end evaluation on the full dSprites (Trainer.evaluate(): encoding 737,280 images,
              then MIG / MIG-sup / I(x; z_l) with mi_samples 10,000 and the factor score with the default
              10,000 / 5,000 votes), at the last stage (6 latents: the dearest of a trial's evaluations),
@@ -56,6 +57,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from provlae import data
 from provlae import train as train_module
@@ -170,6 +173,40 @@ def timed_steps(trainer, device, budget_s: float, p: dict) -> tuple[int, float, 
     return n, seconds, warm_s
 
 
+LAUNCH_STEPS = 2  # steps profiled for the launch count (twice: a run's one-off work subtracted)
+
+
+def launches_per_step(trainer, device: torch.device) -> float | None:
+    """What one training step launches: on CUDA its kernels and copies, on a CPU the top-level operators
+    it dispatches (benchmarks/launch_count.py, the proxy). A run of 2 x LAUNCH_STEPS steps less one of
+    LAUNCH_STEPS, so what a run does once is not counted. None (and a line) where the profiler fails: the
+    section's speed stands without it."""
+    try:
+        if device.type == "cuda":
+            return (kernels(trainer, 2 * LAUNCH_STEPS) - kernels(trainer, LAUNCH_STEPS)) / LAUNCH_STEPS
+        from benchmarks.launch_count import operators
+
+        return (operators(trainer, 2 * LAUNCH_STEPS) - operators(trainer, LAUNCH_STEPS)) / LAUNCH_STEPS
+    except Exception as e:  # noqa: BLE001 - a profiler without CUPTI, say
+        say(f"  launches: not counted ({type(e).__name__}: {first_line(e, '')})")
+        return None
+
+
+def kernels(trainer, steps: int) -> int:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        trainer.run(until=trainer.step + steps)
+        torch.cuda.synchronize()
+    return sum(event.device_type == DeviceType.CUDA for event in prof.events())
+
+
+def fmt_launches(n: float | None, per: str) -> str:
+    unit = "launches" if UNIT[0] == "cuda" else "operators"
+    return f"{unit} per {per}: -" if n is None else f"{n:.0f} {unit} per {per}"
+
+
+UNIT = ["cpu"]  # the device type the launch counts are of
+
+
 class PeakMemory:
     """GPU memory a block allocates at its peak, over what was allocated before it (CUDA only)."""
 
@@ -222,13 +259,14 @@ def section_solo(cfg: TrialConfig, ds, device: torch.device, p: dict, key: str =
         trainer = Trainer(cfg, dataset=ds)
         n, seconds, warm_s = timed_steps(trainer, device, p["solo_s" if key == "solo" else "compile_s"], p)
     img_s = n * cfg.batch_size / seconds
+    launches = launches_per_step(trainer, device)
     label = "solo eager" if key == "solo" else "solo compile=torch"
-    fig = {f"{key}_img_s": img_s, f"{key}_mem_mib": mib(mem.bytes)}
+    fig = {f"{key}_img_s": img_s, f"{key}_mem_mib": mib(mem.bytes), f"{key}_launches_per_step": launches}
     if key != "solo":
         fig[f"{key}_warmup_s"] = warm_s  # includes the compilation
     record(**fig)
     say(f"{label}: {img_s:9.1f} img/s ({n} steps in {seconds:.1f} s; warm-up {p['warmup']} steps "
-        f"{warm_s:.1f} s), GPU memory {fmt_mib(mem.bytes)}")
+        f"{warm_s:.1f} s), GPU memory {fmt_mib(mem.bytes)}, {fmt_launches(launches, 'step')}")
     del trainer
     return img_s
 
@@ -240,11 +278,15 @@ def section_fused(cfg: TrialConfig, ds, device: torch.device, k: int, p: dict, s
     img_s = k * n * cfg.batch_size / seconds
     per = None if mem.bytes is None else mem.bytes / k
     ratio = img_s / solo if solo else None
-    record(**{f"fused_k{k}_img_s": img_s, f"fused_k{k}_ratio": ratio, f"fused_k{k}_mem_per_member_mib": mib(per)})
+    launches = launches_per_step(fz, device)
+    launches = None if launches is None else launches / k
+    record(**{f"fused_k{k}_img_s": img_s, f"fused_k{k}_ratio": ratio, f"fused_k{k}_mem_per_member_mib": mib(per),
+              f"fused_k{k}_launches_per_member_step": launches})
     memory = (f"GPU memory {fmt_mib(per)} per member ({fmt_mib(mem.bytes)} for the group)" if per is not None
               else f"GPU memory {fmt_mib(None)}")
     vs = f"x{ratio:.2f} solo" if ratio is not None else "no solo figure"
-    say(f"fused K={k:<2d} batched: {img_s:9.1f} img/s (all members; {n} steps in {seconds:.1f} s), {vs}, {memory}")
+    say(f"fused K={k:<2d} batched: {img_s:9.1f} img/s (all members; {n} steps in {seconds:.1f} s), {vs}, {memory}, "
+        f"{fmt_launches(launches, 'member-step')}")
     del fz
     return img_s
 
@@ -368,6 +410,8 @@ def main(argv=None) -> int:
     p = TINY if args.tiny else GPU
     with_compile = (not args.tiny) if args.compile is None else args.compile
     device = resolve_device("auto" if args.tiny else "cuda")
+    UNIT[0] = device.type
+    record(launch_unit="CUDA kernels and copies" if device.type == "cuda" else "CPU operators")
     cfg = paper_config(args.tiny, args.subset, str(device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     record(device=device.type, device_name=name, tiny=args.tiny, torch=torch.__version__, batch_size=cfg.batch_size,

@@ -32,7 +32,7 @@ from provlae import data as datasets
 from provlae.atomic import write_atomic
 from provlae.config import TrialConfig
 from provlae.errors import CheckpointError, ConfigError, TrainingDiverged
-from provlae.device import compiled
+from provlae.device import adam, compiled
 from provlae.evaluate import batches_to_float
 from provlae.train import Event, Trainer
 
@@ -294,7 +294,7 @@ class _Stack:
         frozen = [{f"frozen.{k}.{n}": p.detach() for k, net in m.family.frozen_modules().items()
                    for n, p in net.named_parameters()} for m in members]
         self.frozen = {n: torch.stack([f[n] for f in frozen]) for n in frozen[0]}
-        self.opt = torch.optim.Adam(list(self.params.values()), lr=lead.cfg.lr)
+        self.opt = adam(list(self.params.values()), lead.cfg.lr, lead.device)
         self._load_optimizer_state()
         p = next(iter(self.params.values()))
         self.alpha = torch.zeros((), dtype=p.dtype, device=p.device)  # the fade-in, updated in place

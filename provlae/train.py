@@ -36,7 +36,7 @@ from provlae.checkpoint import (
     read_checkpoint,
 )
 from provlae.config import TrialConfig, config_identity
-from provlae.device import check_precision, compiled, images_tensor, resolve_device, set_tf32
+from provlae.device import adam, check_precision, compiled, images_tensor, resolve_device, set_tf32
 from provlae.errors import ConfigError, TrainingDiverged
 from provlae.evaluate import batches_to_float, disentanglement, encode
 from provlae.figures import information_per_stage, model_figures, stage_figures
@@ -95,7 +95,7 @@ class Trainer:
         self.family = build_family(cfg)
         self.model = LadderVAE(self.data.image_shape, self.family.level_dims(), cfg.channels,
                                cfg.hidden).to(self.device, self.dtype)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.opt = adam(self.model.parameters(), cfg.lr, self.device)
         # The trainer owns its randomness, so trainers sharing a process never perturb each other.
         self.batch_gen = torch.Generator().manual_seed(cfg.seed)  # the order of training images (CPU)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)  # z samples

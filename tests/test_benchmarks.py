@@ -91,6 +91,10 @@ def test_gpu_suite_tiny(provlae_home):
     assert out["eval_encode_s"] <= out["eval_s"]
     for k in (2, 3):
         assert out[f"fused_k{k}_ratio"] == pytest.approx(out[f"fused_k{k}_img_s"] / out["solo_img_s"], rel=1e-3)
+    # what a step launches (on a CPU the operators it dispatches): a group's member-step fewer than a solo step
+    assert out["launch_unit"] == "CPU operators" and out["solo_launches_per_step"] > 100
+    assert out["fused_k3_launches_per_member_step"] < out["fused_k2_launches_per_member_step"] \
+        < out["solo_launches_per_step"]
     trials = build_trials("paper")
     assert out["paper_trials"] == len(trials) == 250
     assert out["paper_evaluations"] == sum(c.num_stages for c in trials)

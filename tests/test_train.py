@@ -131,6 +131,20 @@ def test_a_checkpoint_is_read_to_the_cpu_and_adams_step_counters_stay_there(tmp_
     assert all(resumed.opt.state[p]["exp_avg"].device == p.device for p in params if p in resumed.opt.state)
 
 
+def test_adam_is_fused_on_cuda_and_the_default_loop_elsewhere():
+    """On CUDA the optimizer's step is Adam's fused kernels (not a loop of launches per tensor); on a CPU,
+    PyTorch's default, which the CPU's numbers are made with."""
+    import torch
+
+    from provlae.device import adam
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    assert adam([w], 1e-3, torch.device("cuda")).defaults["fused"] is True
+    cpu = adam([w], 1e-3, torch.device("cpu")).defaults
+    assert not cpu["fused"] and not cpu["foreach"]
+    assert Trainer(tiny(lr=1e-3)).opt.defaults == cpu
+
+
 def test_checkpoint_of_another_config_is_refused(tmp_path):
     t = Trainer(tiny())
     t.save_checkpoint(tmp_path / "c.pt")
