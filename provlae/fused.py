@@ -31,8 +31,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from provlae import data as datasets
 from provlae.atomic import write_atomic
 from provlae.config import TrialConfig
-from provlae.errors import CheckpointError, ConfigError, TrainingDiverged
 from provlae.device import adam, compiled
+from provlae.errors import CheckpointError, ConfigError, TrainingDiverged
 from provlae.evaluate import batches_to_float
 from provlae.train import Event, Trainer
 

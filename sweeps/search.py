@@ -32,9 +32,9 @@ from sweeps.search_space import (
     check_inputs,
     default_mode,
     describe_distribution,
-    search_plan,
     parse_seed_list,
     search_document,
+    search_plan,
 )
 from sweeps.search_summary import (
     best_row,
