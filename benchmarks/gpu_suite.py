@@ -83,7 +83,7 @@ TINY = dict(ks=(2, 3), solo_s=1.0, fused_s=1.0, compile_s=1.0, warmup=2, calib=2
             min_left=dict.fromkeys(("data", "solo", "fused", "eval", "compile", "grid", "table"),
                                    -math.inf))  # never skipped
 TINY_CONFIG = dict(subset=2048, batch_size=32, mi_samples=300, factor_train_votes=100, factor_eval_votes=50,
-                   eval_subset=1024)
+                   eval_subset=1024, channels=8, hidden=32)  # a narrow network: the same code paths, sooner
 
 
 def say(line: str) -> None:
