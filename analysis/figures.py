@@ -14,7 +14,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from analysis.topk import wide
-from provlae.models.families import family_names
 
 LABELS = {"factor_score": "factor score", "mig": "MIG", "mig_sup": "MIG-sup",
           "recon_error": "reconstruction error", "mig_hist": "MIG (histogram)",
@@ -124,11 +123,15 @@ def _std(group: pd.DataFrame, metric: str):
 
 def _family_order(family: str) -> tuple[int, str]:
     """Registered families in their display order (Family.display_order), then unknown ones by name."""
+    from provlae.models.families import family_names  # when drawn: the registry loads torch
+
     known = family_names()
     return (known.index(family) if family in known else len(known), family)
 
 
 def _color(family: str) -> str:
+    from provlae.models.families import family_names
+
     known = family_names()
     order = _family_order(family)[0]
     return f"C{order % 10}" if family in known else f"C{(order + sum(map(ord, family))) % 10}"

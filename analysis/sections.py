@@ -12,7 +12,7 @@ from analysis.page import Page, cell_text, count_cell, document, esc, fmt, is_nu
 from analysis.record import LOWER_IS_BETTER
 from analysis.runs import fetch_artifact, stage_information
 from analysis.study import Study, best_runs, family_key, pick_figures, run_url, runs_table_url
-from analysis.topk import METRICS, PAPER_ORDER, SUITE_METRICS, compare, paper_ordering, udr_agreement, wide
+from analysis.topk import METRICS, SUITE_METRICS, compare, paper_order, paper_ordering, udr_agreement, wide
 from provlae.text import last_line
 
 ORDERING_WORDS = {True: "holds", False: "does not hold", None: "cannot be checked"}
@@ -53,7 +53,7 @@ def section_summary(study: Study) -> str:
         verdicts = "; ".join(f"on {LABELS.get(r.metric, r.metric)} {ORDERING_WORDS[r.holds]}"
                              for r in ordering[ordering["dataset"] == dataset].itertuples())
         items.append(f"<li><b>{esc(dataset)}</b>: leaders at their best β: {esc(leads)}. The paper's ordering "
-                     f"{esc(' > '.join(PAPER_ORDER))} {esc(verdicts)}.</li>")
+                     f"{esc(' > '.join(paper_order()))} {esc(verdicts)}.</li>")
     incomplete = int(wide(study.top)["incomplete"].sum())
     note = (f" {incomplete} cell(s) have fewer than {study.k} finished seeds: their numbers are less certain."
             if incomplete else "")
@@ -302,7 +302,7 @@ def _leader_sentence(row, k: int) -> str:
 def _ordering_list(rows: pd.DataFrame, k: int) -> str:
     """The paper's ordering, one line per metric: holds / does not hold / cannot be checked."""
     items = []
-    order = " > ".join(PAPER_ORDER)
+    order = " > ".join(paper_order())
     for r in rows.itertuples():
         name = LABELS.get(r.metric, r.metric)
         chain = " > ".join(f"{f} {v:.4g} (β={b:g})" for f, (b, v) in r.values.items())

@@ -14,7 +14,6 @@ from analysis.errors import AnalysisError
 from analysis.record import LOWER_IS_BETTER
 from analysis.runs import load_runs, load_sweeps, run_artifacts, select_sweep
 from analysis.topk import METRICS, available_metrics, check_metric, finished, top_k
-from provlae.models.families import family_names
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local (sqlite / file) store by default
 # MLflow 3's UI opens on its GenAI side ("Overview": traces, tokens) unless told otherwise, whatever the
@@ -112,6 +111,8 @@ def family_key(column: pd.Series) -> pd.Series:
     they are."""
     if column.name != "family":
         return column
+    from provlae.models.families import family_names  # when needed: the registry loads torch
+
     known = family_names()
     return column.map(lambda f: f"{known.index(f) if f in known else len(known):03d} {f}")
 

@@ -7,6 +7,8 @@ paper's metrics go the suite's that the evaluation stage logged (analysis/evalua
 """
 from __future__ import annotations
 
+import functools
+
 import pandas as pd
 
 from analysis.errors import AnalysisError
@@ -137,27 +139,30 @@ def compare(top: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _paper_order() -> tuple[str, ...]:
-    """The paper's finding on MIG and MIG-sup (§4, Fig. 2/3), best first: the families' ``paper_rank``."""
+@functools.cache
+def paper_order() -> tuple[str, ...]:
+    """The paper's finding on MIG and MIG-sup (§4, Fig. 2/3), best first: the families' ``paper_rank``.
+    Read when first asked (the family registry loads torch, which a table from MLflow does not need)."""
     from provlae.models.families import FAMILIES
 
     ranked = [(cls.paper_rank, name) for name, cls in FAMILIES.items() if cls.paper_rank is not None]
     return tuple(name for _, name in sorted(ranked))
 
 
-PAPER_ORDER = _paper_order()
 PAPER_ORDER_METRICS = ("mig", "mig_sup")
 
 
-def paper_ordering(top: pd.DataFrame, order: tuple[str, ...] = PAPER_ORDER,
+def paper_ordering(top: pd.DataFrame, order: tuple[str, ...] | None = None,
                    metrics: tuple[str, ...] = PAPER_ORDER_METRICS) -> pd.DataFrame:
-    """Whether ``order`` (best first) holds per dataset and metric, each family at its best β.
+    """Whether ``order`` (best first; the paper's, ``paper_order()``, by default) holds per dataset and
+    metric, each family at its best β.
 
     Columns: dataset, metric, holds (True/False, None when a family of ``order`` has no value),
     values ({family: (β, top-k mean)} of the families present) and missing (families without a value).
     The ordering holds when each family's value is strictly better than the next one's (higher, or lower
     for a metric in LOWER_IS_BETTER).
     """
+    order = paper_order() if order is None else order
     best = best_per_family(top)
     rows = []
     for dataset in sorted(top["dataset"].unique()):
