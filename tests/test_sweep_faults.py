@@ -1,9 +1,11 @@
 """The sweep's MLflow record under the faults users hit, each reproduced against the real components
-(a local Ray, a sqlite store; the tracking server away: tests/test_sweep_outage.py):
+(a local Ray; a sqlite store, or a real ``mlflow server`` on 127.0.0.1 that is stopped and started again):
 
 - a second driver on a live sweep is refused; SIGTERM on the driver ends its runs KILLED; a damaged
   newest checkpoint and a damaged newest Tune state fall back to the ones before; the rerun finishes
   every trial in its one run, every step once, the numbers of an uninterrupted run;
+- the tracking server away for longer than ``--tracking-patience``: the trial fails with a clear error,
+  the summary prints, the rerun resumes into the same run; away for 20 s: the sweep waits it out;
 - ``--max-failures -1`` with an error that repeats on every attempt ends the trial;
 - a sweep folder resumes only as it was started (store, kind) and a damaged manifest is one error.
 """
@@ -14,22 +16,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import servers
-from faults import (
-    assert_same_as_uninterrupted,
-    client,
-    logged_step,
-    long_args,
-    one_error_line,
-    reference_run,
-    sweep_cmd,
-    sweep_runs,
-    the_trial,
-    trial_folder,
-)
+import smoke
 
 from provlae.errors import ConfigError
 from provlae.train import read_checkpoint
@@ -38,11 +30,92 @@ from sweeps.tracking import RESUMED_TAG
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
+# long enough to be stopped mid-stage: the preset's width
+LONG = smoke.quick({"steps_per_stage": 60, "checkpoint_every": 10, **smoke.WIDE})
+OUTAGE = 20  # seconds the tracking server is away while a trial waits for it: four of its 5-second retries
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("faults")
+
+
+def sweep_cmd(store: Path, name: str, *extra: str, uri: str | None = None) -> list[str]:
+    return [sys.executable, "sweeps/full_grid.py", "--preset", "smoke", "--name", name, "--experiment", name,
+            "--tracking-uri", uri or f"sqlite:///{store / 'mlflow.db'}", "--storage", str(store / "ray"), *extra]
+
+
+def long_args(**overrides) -> list[str]:
+    return ["--families", "pro_vlae", *[f"--set={k}={v}" for k, v in {**LONG, **overrides}.items()]]
+
+
+def the_trial(**overrides):
+    (cfg,) = grid.build_trials("smoke", families=["pro_vlae"],
+                               overrides={"device": "cpu", **{k: str(v) for k, v in {**LONG, **overrides}.items()}})
+    return cfg
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def sweep_runs(uri: str, sweep: str) -> list:
+    mlflow = client(uri)
+    exp = mlflow.get_experiment_by_name(sweep)
+    return mlflow.search_runs([exp.experiment_id], f"tags.sweep = '{sweep}'") if exp else []
+
+
+def logged_step(uri: str, sweep: str) -> int:
+    """The highest ``loss`` step the sweep's trial run holds (0 before it exists or is reachable)."""
+    try:
+        trials = [r for r in sweep_runs(uri, sweep) if r.data.tags.get("provlae.role") == "trial"]
+        return max((m.step for r in trials for m in client(uri).get_metric_history(r.info.run_id, "loss")), default=0)
+    except Exception:  # noqa: BLE001 - the server is away or the store is being written
+        return 0
+
+
+def reference_run(cfg) -> tuple[dict, list[tuple[int, float]]]:
+    """The trial trained in this process, uninterrupted: its final metrics and its loss history."""
+    import torch
+
+    from provlae.train import Trainer
+
+    losses = []
+
+    def on_event(event):  # the first value at a step is the one a run keeps
+        if "loss" in event.metrics and (not losses or event.step > losses[-1][0]):
+            losses.append((event.step, float(event.metrics["loss"])))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the trial
+    try:
+        final = Trainer(cfg).run(on_event)
+    finally:
+        torch.set_num_threads(threads)
+    return final, losses
+
+
+def assert_same_as_uninterrupted(uri: str, run, cfg, reference) -> None:
+    final, losses = reference
+    history = sorted((m.step, m.value) for m in client(uri).get_metric_history(run.info.run_id, "loss"))
+    assert history == losses  # every step once, none missing, the same values
+    for key in ("mig", "mig_sup", "factor_score", "recon_error"):
+        assert run.data.metrics[key] == final[key], key
+
+
+def one_error_line(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
+    return lines[0]
+
+
+def trial_folder(store: Path, sweep: str) -> Path:
+    (folder,) = [p for p in (store / "ray" / sweep).iterdir() if p.is_dir() and p.name.startswith("pro_vlae")]
+    return folder
 
 
 # ----------------------------------------------------------------------------- drivers and damage
@@ -127,6 +200,64 @@ def test_a_driver_killed_outright_leaves_runs_that_the_rerun_sets_right(local_ra
     run = check_sweep_runs(uri, name, name, {cfg.run_name: cfg})[cfg.run_name]
     steps = [m.step for m in client(uri).get_metric_history(run.info.run_id, "loss")]
     assert sorted(steps) == list(range(cfg.log_every, cfg.total_steps + 1, cfg.log_every))
+
+
+# ------------------------------------------------------------------------------- the tracking server
+
+
+def test_the_tracking_server_away(local_ray, store, check_sweep_runs, tmp_path):
+    """Away for longer than --tracking-patience: the trial fails with that error and the summary prints;
+    the rerun resumes it into the same run, and there the server is away for OUTAGE seconds, which it waits out."""
+    folder = tmp_path / "mlflow"
+    port = servers.free_port()
+    uri = f"http://127.0.0.1:{port}"
+    name = "outage"
+    cmd = sweep_cmd(store, name, *long_args(steps_per_stage=25), "--address", local_ray, "--max-failures", "0",
+                    uri=uri)
+    cfg = the_trial(steps_per_stage=25)
+    with servers.mlflow_server(folder, port=port):
+        with open(store / f"{name}-1.log", "w") as log:
+            first = subprocess.Popen([*cmd, "--tracking-patience", "8"], cwd=ROOT, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                servers.wait_for(lambda: logged_step(uri, name) >= 20, 300, "the trial at step 20", proc=first)
+                (run_id,) = [r.info.run_id for r in sweep_runs(uri, name) if r.data.tags["provlae.role"] == "trial"]
+            except BaseException:
+                servers.kill_session(first)
+                raise
+    try:  # the server is away until the driver has ended
+        code = first.wait(timeout=240)
+    finally:
+        if first.poll() is None:
+            servers.kill_session(first)
+    said = (store / f"{name}-1.log").read_text()
+    assert code == 1, said[-3000:]
+    assert f"tracking server {uri} was unreachable for more than 8 s (--tracking-patience)" in said, said[-3000:]
+    assert "The sweep's end could not be recorded in MLflow" in said
+    assert "Traceback" not in said.split("trial(s) failed:")[-1], said[-3000:]  # the summary itself
+
+    with servers.mlflow_server(folder, port=port):
+        rerun = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
+        try:
+            at = logged_step(uri, name)
+            servers.wait_for(lambda: logged_step(uri, name) > at, 300, "the resumed trial logging", proc=rerun)
+        except BaseException:
+            servers.kill_session(rerun)
+            raise
+    away = time.monotonic()  # away mid-stage; meanwhile, the uninterrupted trial here
+    reference = reference_run(cfg)
+    time.sleep(max(0.0, OUTAGE - (time.monotonic() - away)))
+    with servers.mlflow_server(folder, port=port):
+        try:
+            out, _ = rerun.communicate(timeout=300)
+        finally:
+            if rerun.poll() is None:
+                servers.kill_session(rerun)
+        assert rerun.returncode == 0, out[-3000:]
+        run = check_sweep_runs(uri, name, name, {cfg.run_name: cfg})[cfg.run_name]
+        assert run.info.run_id == run_id  # the same run, resumed
+        assert_same_as_uninterrupted(uri, run, cfg, reference)
 
 
 # -------------------------------------------------------------------------------------- retries
