@@ -199,12 +199,9 @@ def kernels(trainer, steps: int) -> int:
     return sum(event.device_type == DeviceType.CUDA for event in prof.events())
 
 
-def fmt_launches(n: float | None, per: str) -> str:
-    unit = "launches" if UNIT[0] == "cuda" else "operators"
+def fmt_launches(n: float | None, per: str, device: torch.device) -> str:
+    unit = "launches" if device.type == "cuda" else "operators"
     return f"{unit} per {per}: -" if n is None else f"{n:.0f} {unit} per {per}"
-
-
-UNIT = ["cpu"]  # the device type the launch counts are of
 
 
 class PeakMemory:
@@ -266,7 +263,7 @@ def section_solo(cfg: TrialConfig, ds, device: torch.device, p: dict, key: str =
         fig[f"{key}_warmup_s"] = warm_s  # includes the compilation
     record(**fig)
     say(f"{label}: {img_s:9.1f} img/s ({n} steps in {seconds:.1f} s; warm-up {p['warmup']} steps "
-        f"{warm_s:.1f} s), GPU memory {fmt_mib(mem.bytes)}, {fmt_launches(launches, 'step')}")
+        f"{warm_s:.1f} s), GPU memory {fmt_mib(mem.bytes)}, {fmt_launches(launches, 'step', device)}")
     del trainer
     return img_s
 
@@ -286,7 +283,7 @@ def section_fused(cfg: TrialConfig, ds, device: torch.device, k: int, p: dict, s
               else f"GPU memory {fmt_mib(None)}")
     vs = f"x{ratio:.2f} solo" if ratio is not None else "no solo figure"
     say(f"fused K={k:<2d} batched: {img_s:9.1f} img/s (all members; {n} steps in {seconds:.1f} s), {vs}, {memory}, "
-        f"{fmt_launches(launches, 'member-step')}")
+        f"{fmt_launches(launches, 'member-step', device)}")
     del fz
     return img_s
 
@@ -410,7 +407,6 @@ def main(argv=None) -> int:
     p = TINY if args.tiny else GPU
     with_compile = (not args.tiny) if args.compile is None else args.compile
     device = resolve_device("auto" if args.tiny else "cuda")
-    UNIT[0] = device.type
     record(launch_unit="CUDA kernels and copies" if device.type == "cuda" else "CPU operators")
     cfg = paper_config(args.tiny, args.subset, str(device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"

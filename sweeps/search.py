@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 from provlae.errors import ConfigError
@@ -69,18 +68,20 @@ class Search(Sweep):
     def __init__(self, spec: SearchSpec, options: SweepOptions):
         super().__init__([spec.base], options)
         self.spec = spec
+        self.plan = search_plan(spec, plan_target(options))  # the parent run's params and the ETA line's
 
     def check_manifest(self, uri: str, write: bool) -> bool:
         return check_manifest(self.options.folder, self.spec, uri, self.options.experiment, write=write)
 
     def params(self) -> dict[str, Any]:
-        return {**self.spec.describe(), **search_plan(self.spec, plan_target(self.options)).params()}
+        return {**self.spec.describe(), **self.plan.params()}
 
     def opened(self, mlflow, parent: str) -> None:
         mlflow.log_dict(parent, search_document(self.spec), "search_space.json")
 
     def tuner(self, ctx: tracking.TrackingContext, restore: bool, started: bool):
-        tuner, restored = make_tuner(self.spec, self.options, ctx)
+        planned_s = self.plan.wall_s if self.plan.measured else None
+        tuner, restored = make_tuner(self.spec, self.options, ctx, planned_s)
         if started:
             options, spec = self.options, self.spec
             ended = (f"{len(ended_runs(tracking.client(ctx.tracking_uri), ctx))} of {spec.trials * len(spec.seeds)} "
@@ -193,7 +194,8 @@ def make_scheduler(spec: SearchSpec):
                                    reduction_factor=REDUCTION_FACTOR, brackets=1)
 
 
-def make_tuner(spec: SearchSpec, options: SweepOptions, ctx: tracking.TrackingContext):
+def make_tuner(spec: SearchSpec, options: SweepOptions, ctx: tracking.TrackingContext,
+               planned_s: float | None = None):
     """(tuner, restored): the experiment restored from the sweep folder when Tune saved it there, else a
     new one."""
     from ray import tune
@@ -213,14 +215,8 @@ def make_tuner(spec: SearchSpec, options: SweepOptions, ctx: tracking.TrackingCo
                                     # a stopped configuration's actor goes at once: its training thread
                                     # would notice the stop only at its next report, a stage end away
                                     reuse_actors=False, trial_dirname_creator=trial_dirname),
-        run_config=run_config(options, reporter(spec, planned_s(spec, options))),
+        run_config=run_config(options, reporter(spec, planned_s)),
     ), False
-
-
-def planned_s(spec: SearchSpec, options: SweepOptions) -> float | None:
-    """The plan's wall time for the ETA line (None where nothing was measured)."""
-    wall = search_plan(spec, plan_target(options)).wall_s
-    return None if math.isnan(wall) else wall
 
 
 def reporter(spec: SearchSpec, planned_s: float | None = None):
