@@ -7,7 +7,6 @@ paper's metrics go the suite's that the evaluation stage logged (analysis/evalua
 """
 from __future__ import annotations
 
-import functools
 
 import pandas as pd
 
@@ -139,10 +138,9 @@ def compare(top: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-@functools.cache
 def paper_order() -> tuple[str, ...]:
     """The paper's finding on MIG and MIG-sup (§4, Fig. 2/3), best first: the families' ``paper_rank``.
-    Read when first asked (the family registry loads torch, which a table from MLflow does not need)."""
+    Read from the registry when asked (it loads torch, which a table from MLflow does not need)."""
     from provlae.models.families import FAMILIES
 
     ranked = [(cls.paper_rank, name) for name, cls in FAMILIES.items() if cls.paper_rank is not None]

@@ -96,6 +96,30 @@ def test_the_example_family_declares_its_term(examples):
     assert fam.coefficients(0)["tc"] == 3.0 and fam.kl_weights(0) == [1.0] * fam.L
 
 
+def test_a_variation_of_a_paper_family_is_not_in_the_paper_ordering():
+    """A subclass of pro-VLAE inherits its hooks but not its paper rank: the paper's ordering, the headline
+    grid and the demo stay the paper's three families while it is registered, and after it is gone."""
+    from analysis.topk import paper_order
+    from provlae.models import register
+    from provlae.models.families import ProVLAE, VLAE
+    from sweeps.grid import headline
+
+    paper = paper_order()
+    assert len(paper) == 3 and paper[0] == "pro_vlae"
+    with isolated_registries():
+        @register("slower_pro_vlae")
+        class Slower(ProVLAE):
+            pass
+
+        @register("ranked_vlae")
+        class Ranked(VLAE):
+            paper_rank = 4  # declared on the class itself: ranked
+
+        assert Slower.progressive and Slower.paper_rank is None and not headline(Slower)
+        assert paper_order() == (*paper, "ranked_vlae")
+    assert paper_order() == paper and ProVLAE.paper_rank == 1 and headline(ProVLAE)
+
+
 def test_the_example_dataset_round_trips_its_file(examples, tmp_path):
     spec = data.DATASETS["bars"]
     path = data.generate("bars", tmp_path, factor_sizes=(2, 2, 3, 3))

@@ -105,6 +105,12 @@ class Family:
     display_order: ClassVar[int] = 100  # position in tables and figures (built-ins 0-3; plug-ins after)
     paper_rank: ClassVar[int | None] = None  # the paper's finding on MIG / MIG-sup: 1 = best (Fig. 2/3)
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # The paper ranked the classes that declare a rank: a subclass (a variation of pro-VLAE, say) is
+        # not the family the paper measured, so it is not in the paper's ordering or headline grid.
+        cls.paper_rank = cls.__dict__.get("paper_rank")
+
     @classmethod
     def search_ranges(cls, base: TrialConfig) -> dict[str, tuple[str, float, float]]:
         """Config fields an adaptive search varies besides beta and lr, as field -> (kind, low, high),
