@@ -7,7 +7,6 @@ paper's metrics go the suite's that the evaluation stage logged (analysis/evalua
 """
 from __future__ import annotations
 
-
 import pandas as pd
 
 from analysis.errors import AnalysisError

@@ -101,7 +101,7 @@ def test_a_variation_of_a_paper_family_is_not_in_the_paper_ordering():
     grid and the demo stay the paper's three families while it is registered, and after it is gone."""
     from analysis.topk import paper_order
     from provlae.models import register
-    from provlae.models.families import ProVLAE, VLAE
+    from provlae.models.families import VLAE, ProVLAE
     from sweeps.grid import headline
 
     paper = paper_order()
@@ -204,8 +204,8 @@ def test_a_bad_plugin_is_one_error_before_anything_starts(case, tmp_path, monkey
     if body is not None:
         _module(tmp_path / "mods", name, body)
     monkeypatch.syspath_prepend(str(tmp_path / "mods"))
-    from sweeps.full_grid import main as grid_main
     from sweeps.cli import run_main
+    from sweeps.full_grid import main as grid_main
 
     with isolated_registries():
         code = cli_main(["train", "--plugin", name, "--out", str(tmp_path / "out")])
