@@ -45,7 +45,8 @@ from provlae.train import Trainer
 
 PAPER_BATCH = 128  # the paper's dSprites batch (sweeps/grid.py PRESETS["paper"])
 CPU_SUBSET = 4096  # images on a CPU (the full set on CUDA); a step's cost does not depend on the set's size
-QUICK = dict(batch_size=32, steps=12, warmup=2, repeats=1)
+# --quick checks the code paths: a narrow network (8 channels, 32 units), whose img/s are not the paper config's
+QUICK = dict(batch_size=32, steps=12, warmup=2, repeats=1, width=dict(channels=8, hidden=32))
 FULL_CPU = dict(steps=20, warmup=3, repeats=3)
 FULL_CUDA = dict(steps=200, warmup=10, repeats=3)
 
@@ -55,7 +56,7 @@ def configs(args, device: str) -> list[TrialConfig]:
     base = dict(family=args.family, dataset="dsprites", levels=3, z_dim=2, batch_size=args.batch_size,
                 subset=args.subset, device=device, dtype=args.dtype,
                 steps_per_stage=args.warmup + args.steps + 1,  # no stage end: evaluation is not timed
-                log_every=50)
+                log_every=50, **args.width)
     return [TrialConfig.from_dict({**base, "seed": i, "beta": 1.0 + i}) for i in range(args.k)]
 
 
@@ -134,6 +135,7 @@ def main(argv=None) -> int:
     args.steps = args.steps or defaults["steps"]
     args.warmup = defaults["warmup"] if args.warmup is None else args.warmup
     args.repeats = args.repeats or defaults["repeats"]
+    args.width = defaults.get("width", {})
     if args.subset is None:
         args.subset = None if device.type == "cuda" else CPU_SUBSET
     elif args.subset == 0:
@@ -150,7 +152,8 @@ def main(argv=None) -> int:
     ds = data.load("dsprites", subset=args.subset, seed=0)
     print(f"data: dSprites {len(ds)} images ({time.perf_counter() - t0:.1f} s to load)", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"family {args.family}, K {args.k}, batch {args.batch_size}, {args.steps} timed steps per trial "
+    print(f"family {args.family} ({cfgs[0].channels} channels, {cfgs[0].hidden} units), K {args.k}, "
+          f"batch {args.batch_size}, {args.steps} timed steps per trial "
           f"(+{args.warmup} warm-up), dtype {args.dtype}, device {device} ({name}), torch {torch.__version__}",
           flush=True)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from commands import run_command
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
@@ -224,8 +225,9 @@ def test_stage_information_reads_fig5_history(store):
     assert label_stages([10, 20], []) == [0, 1]
 
 
-def test_cli_top3_csv_columns_and_numbers(store):
-    result = cli("top3", "--experiment", EXPERIMENT, "--tracking-uri", store["uri"], "--format", "csv")
+def test_cli_top3_csv_columns_and_numbers(store, capsys, monkeypatch):
+    result = run_command("analysis", "top3", "--experiment", EXPERIMENT, "--tracking-uri", store["uri"], "--format",
+                         "csv", capsys=capsys, monkeypatch=monkeypatch)
     assert result.returncode == 0, result.stderr
     from io import StringIO
     top = pd.read_csv(StringIO(result.stdout))
@@ -235,9 +237,10 @@ def test_cli_top3_csv_columns_and_numbers(store):
     check_numbers(top)
 
 
-def test_cli_export_parquet_round_trip(store, tmp_path):
+def test_cli_export_parquet_round_trip(store, tmp_path, capsys, monkeypatch):
     out = tmp_path / "runs.parquet"
-    result = cli("export", "--experiment", EXPERIMENT, "--tracking-uri", store["uri"], "--out", str(out))
+    result = run_command("analysis", "export", "--experiment", EXPERIMENT, "--tracking-uri", store["uri"], "--out",
+                         str(out), capsys=capsys, monkeypatch=monkeypatch)
     assert result.returncode == 0, result.stderr
     back = pd.read_parquet(out)
     assert sorted(back["run_id"]) == sorted([*store["ids"].values(), store["failed"]])
@@ -361,7 +364,7 @@ def test_a_trial_logged_twice_counts_once(tmp_path, capsys):
         analysis.load_runs("dups", tracking_uri=uri, sweep="gone")
 
 
-def test_cli_names_the_sweeps_it_pools(tmp_path, capsys):
+def test_cli_names_the_sweeps_it_pools(tmp_path, capsys, monkeypatch):
     """Without --sweep, top3, compare and report say on stderr which sweeps they pooled (the numbers on stdout stay
     parseable); with --sweep, or with one sweep only, they say nothing."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -379,7 +382,8 @@ def test_cli_names_the_sweeps_it_pools(tmp_path, capsys):
                      params=[Param(k, v) for k, v in config_params(*cell, 7).items()])
     client.set_terminated(untagged.info.run_id)
 
-    pooled = cli("top3", "--experiment", "pooled", "--tracking-uri", uri, "--format", "json")
+    pooled = run_command("analysis", "top3", "--experiment", "pooled", "--tracking-uri", uri, "--format", "json",
+                         capsys=capsys, monkeypatch=monkeypatch)
     assert pooled.returncode == 0, pooled.stderr
     assert pooled.stderr.strip().splitlines() == [
         "pooled 3 sweeps: demo (2 runs), paper (3 runs), (no sweep tag) (1 run); pass --sweep NAME for one"]
@@ -387,6 +391,7 @@ def test_cli_names_the_sweeps_it_pools(tmp_path, capsys):
     for args in (["compare"], ["report", "--out", str(tmp_path / "report")]):
         assert main([*args, "--experiment", "pooled", "--tracking-uri", uri]) == 0
         assert capsys.readouterr().err.startswith("pooled 3 sweeps: demo (2 runs), "), args
-    one = cli("top3", "--experiment", "pooled", "--tracking-uri", uri, "--sweep", "paper", "--format", "json")
+    one = run_command("analysis", "top3", "--experiment", "pooled", "--tracking-uri", uri, "--sweep", "paper",
+                      "--format", "json", capsys=capsys, monkeypatch=monkeypatch)
     assert one.returncode == 0 and one.stderr == ""
     assert [r["n_runs"] for r in json.loads(one.stdout) if r["metric"] == "mig"] == [3]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from commands import run_command
 
 from provlae.config import TrialConfig
 from provlae.errors import ConfigError
@@ -94,7 +95,7 @@ def test_the_nearest_measurement_and_a_plan_without_one():
     assert any("differs in dataset, batch size" in n for n in other.notes)
 
 
-def test_the_table_appends_whole_and_a_damaged_one_is_named(tmp_path):
+def test_the_table_appends_whole_and_a_damaged_one_is_named(tmp_path, capsys, monkeypatch):
     path = tmp_path / "throughput.json"
     assert read_table(path) == []
     add([measured()], path)
@@ -107,10 +108,9 @@ def test_the_table_appends_whole_and_a_damaged_one_is_named(tmp_path):
     with pytest.raises(ThroughputError):
         add([measured()], path)
     assert path.read_text() == '[{"device": "cpu"'  # left as it was
-    plan_env = {**os.environ, "PROVLAE_HOME": str(tmp_path)}
     path.rename(tmp_path / "throughput.json.bak")
     (tmp_path / "throughput.json").write_text("{}")
-    out = dry_run(plan_env)
+    out = dry_run(tmp_path, capsys, monkeypatch)
     assert out.returncode == 0, out.stderr
     assert f"throughput table {tmp_path / 'throughput.json'} cannot be read" in out.stdout
 
@@ -127,12 +127,13 @@ def test_a_bad_plan_for_is_refused(text):
         parse_plan_for(text)
 
 
-def dry_run(env, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "sweeps/full_grid.py", "--preset", "smoke", "--dry-run", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+def dry_run(home: Path, capsys, monkeypatch, *args: str) -> subprocess.CompletedProcess:
+    """The smoke grid's dry run with ``home`` as PROVLAE_HOME (where the throughput table is)."""
+    return run_command("full_grid", "--preset", "smoke", "--dry-run", *args, capsys=capsys,
+                       monkeypatch=monkeypatch, env={"PROVLAE_HOME": str(home)})
 
 
-def test_calibrate_measures_this_cpu_and_the_dry_run_plans_from_it(tmp_path):
+def test_calibrate_measures_this_cpu_and_the_dry_run_plans_from_it(tmp_path, capsys, monkeypatch):
     env = {**os.environ, "PROVLAE_HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "provlae", "calibrate", "--device", "cpu", "--fuse", "1,2",
                           "--batch-size", "32", "--seconds", "1", "--threads", "1", "--set", "mi_samples=500",
@@ -145,11 +146,11 @@ def test_calibrate_measures_this_cpu_and_the_dry_run_plans_from_it(tmp_path):
     assert all(m.train_img_s > 0 and m.eval_s > 0 and m.eval_images == 4096 for m in table)
     assert out.stdout.strip().splitlines()[-1] == f"added 2 measurement(s) to {tmp_path / 'throughput.json'}"
     # pro-VLAE of the smoke grid planned from it: batch 32 as measured, so no note about a rougher estimate.
-    plan = dry_run(env, "--families", "pro_vlae", "--seeds", "4", "--set", "batch_size=32").stdout
+    plan = dry_run(tmp_path, capsys, monkeypatch, "--families", "pro_vlae", "--seeds", "4", "--set",
+                   "batch_size=32").stdout
     assert "plan: 4 trials in 4 Tune trials" in plan and "estimated wall time" in plan
     assert "from: cpu " in plan and "rougher" not in plan
-    bad = subprocess.run([sys.executable, "-m", "provlae", "calibrate", "--fuse", "0"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
+    bad = run_command("provlae", "calibrate", "--fuse", "0", capsys=capsys, monkeypatch=monkeypatch)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --fuse must be a comma list of group sizes >= 1, got '0'"]
     assert len(read_table(tmp_path / "throughput.json")) == 2
@@ -167,8 +168,8 @@ def test_writers_at_once_lose_no_measurement(tmp_path):
     assert len(read_table(path)) == 80
 
 
-def test_a_bad_plan_for_stops_the_sweep_script_with_one_line(tmp_path):
-    out = dry_run({**os.environ, "PROVLAE_HOME": str(tmp_path)}, "--plan-for", "H100×0")
+def test_a_bad_plan_for_stops_the_sweep_script_with_one_line(tmp_path, capsys, monkeypatch):
+    out = dry_run(tmp_path, capsys, monkeypatch, "--plan-for", "H100×0")
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines() == ["error: --plan-for must be DEVICE×N with N >= 1 (cpu×16, "
                                                "cuda×8, H100×8), got 'H100×0'"]
@@ -200,13 +201,13 @@ def test_fuse_auto_is_one_on_a_cpu_and_sized_by_memory_on_a_gpu():
      "error: --fuse auto sizes groups for the batched kernels of a GPU: pass --fuse K with --fused-kernels "
      "sequential"),
 ])
-def test_fuse_auto_bad_input(tmp_path, args, message):
-    out = dry_run({**os.environ, "PROVLAE_HOME": str(tmp_path)}, *args)
+def test_fuse_auto_bad_input(tmp_path, args, message, capsys, monkeypatch):
+    out = dry_run(tmp_path, capsys, monkeypatch, *args)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [message]
 
 
-def test_fuse_auto_on_this_cpu_says_why(tmp_path):
-    out = dry_run({**os.environ, "PROVLAE_HOME": str(tmp_path)}, "--fuse", "auto", "--seeds", "4")
+def test_fuse_auto_on_this_cpu_says_why(tmp_path, capsys, monkeypatch):
+    out = dry_run(tmp_path, capsys, monkeypatch, "--fuse", "auto", "--seeds", "4")
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == ("--fuse auto: 1 (on a CPU a fused group trains no faster than its "
                                           "trials one after another)")

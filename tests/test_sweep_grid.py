@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import servers
+from commands import run_command
 
-from provlae.models import FAMILIES
 from provlae.errors import ConfigError
-from sweeps import grid
+from provlae.models import FAMILIES
 from provlae.plan import count
+from sweeps import grid
 from sweeps.full_grid import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,10 +139,10 @@ def test_dry_run_of_the_real_script():
     (["--experiment", "/tmp/x"], "--experiment must be one folder name"),
     (["--experiment", "a/b"], "--experiment must be one folder name"),
 ])
-def test_bad_input_is_one_error_line_and_status_2(tmp_path, args, message):
+def test_bad_input_is_one_error_line_and_status_2(tmp_path, args, message, capsys, monkeypatch):
     db = tmp_path / "mlflow.db"
-    out = script("--preset", "smoke", "--tracking-uri", f"sqlite:///{db}", "--storage", str(tmp_path / "ray"),
-                 *args)
+    out = run_command("full_grid", "--preset", "smoke", "--tracking-uri", f"sqlite:///{db}", "--storage",
+                      str(tmp_path / "ray"), *args, capsys=capsys, monkeypatch=monkeypatch, env={"RAY_ADDRESS": ""})
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line
     assert out.stderr.startswith("error: ") and message in out.stderr

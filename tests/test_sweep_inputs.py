@@ -8,8 +8,8 @@ asked of a cluster that has none, once Ray is up), a dashboard (http://) address
 or refused Ray token, a tracking server whose /health answers while its API refuses (401) or fails (500),
 a deleted MLflow experiment, and local.sh's numeric settings.
 
-The scripts run as subprocesses, each with its own --storage, sqlite store, --name, --experiment and
-PROVLAE_HOME. The checks that need Ray share one ``ray start`` head without GPUs (tests/servers.py),
+The scripts run as subprocesses (the refusals that need no process of their own in this one, through
+tests/commands.py), each with its own --storage, sqlite store, --name, --experiment and PROVLAE_HOME. The checks that need Ray share one ``ray start`` head without GPUs (tests/servers.py),
 joined with --address; the others fail before Ray starts.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import servers
+from commands import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SH = ROOT / "cluster" / "local.sh"
@@ -47,6 +48,17 @@ def sweep(tmp: Path, *flags: str, script: str = "full_grid", env: dict[str, str]
            "--experiment", EXPERIMENT, "--tracking-uri", tracking_uri or f"sqlite:///{tmp / 'mlflow.db'}", *flags]
     env = {**(env if env is not None else clean_env()), "PROVLAE_HOME": str(tmp / "home")}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def sweep_here(tmp: Path, *flags: str, capsys, monkeypatch, script: str = "full_grid",
+               env: dict[str, str] | None = None, tracking_uri: str | None = None) -> subprocess.CompletedProcess:
+    """``sweep`` run in this process (tests/commands.py): for the refusals that need no process of their own."""
+    _, *preset = SCRIPTS[script]
+    args = [*preset, "--storage", str(tmp / "ray"), "--name", NAME, "--experiment", EXPERIMENT,
+            "--tracking-uri", tracking_uri or f"sqlite:///{tmp / 'mlflow.db'}", *flags]
+    unset = {k: None for k in os.environ if k.startswith(("RAY_", "MLFLOW_"))}
+    return run_command(Path(SCRIPTS[script][0]).stem, *args, capsys=capsys, monkeypatch=monkeypatch,
+                       env={**unset, **(env or {}), "PROVLAE_HOME": str(tmp / "home")})
 
 
 def assert_refused(out: subprocess.CompletedProcess, *words: str) -> str:
@@ -96,10 +108,10 @@ def test_cuda_without_gpus_per_trial_is_refused_before_ray(tmp_path, script):
     assert_nothing_created(tmp_path)
 
 
-def test_dashboard_address_is_refused_before_ray(tmp_path):
+def test_dashboard_address_is_refused_before_ray(tmp_path, capsys, monkeypatch):
     """The RAY_ADDRESS that `eval "$(cluster/local.sh up)"` exports, for a driver run by hand."""
     url = "http://127.0.0.1:8265"
-    out = sweep(tmp_path, env=clean_env(RAY_ADDRESS=url))
+    out = sweep_here(tmp_path, capsys=capsys, monkeypatch=monkeypatch, env={"RAY_ADDRESS": url})
     assert_refused(out, f"RAY_ADDRESS {url}", "Jobs API", "`ray job submit --address`", "GCS address (HOST:6379)",
                    "`auto`")
     assert_nothing_created(tmp_path)
@@ -145,13 +157,13 @@ class Tracking(http.server.BaseHTTPRequestHandler):
     (401, ["requires authentication", "credentials are missing (HTTP 401)", "MLFLOW_TRACKING_USERNAME"]),
     (500, ["answered HTTP 500 on its API"]),
 ])
-def test_healthy_tracking_server_whose_api_fails(tmp_path, status, words):
+def test_healthy_tracking_server_whose_api_fails(tmp_path, status, words, capsys, monkeypatch):
     handler = type("Handler", (Tracking,), {"api_status": status, "seen": []})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}"
     try:
-        out = sweep(tmp_path, tracking_uri=url)
+        out = sweep_here(tmp_path, capsys=capsys, monkeypatch=monkeypatch, tracking_uri=url)
     finally:
         server.shutdown()
         server.server_close()
@@ -162,14 +174,14 @@ def test_healthy_tracking_server_whose_api_fails(tmp_path, status, words):
     assert_no_sweep_folder(tmp_path)
 
 
-def test_deleted_experiment_is_refused(tmp_path):
+def test_deleted_experiment_is_refused(tmp_path, capsys, monkeypatch):
     from mlflow import MlflowClient
 
     db = tmp_path / "mlflow.db"
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
     client.delete_experiment(exp)  # what the UI's delete does
-    out = sweep(tmp_path)
+    out = sweep_here(tmp_path, capsys=capsys, monkeypatch=monkeypatch)
     assert_refused(out, f"MLflow experiment {EXPERIMENT!r} is deleted", "restore it", "--experiment")
     assert client.get_experiment(exp).lifecycle_stage == "deleted"
     assert store_runs(db) == []

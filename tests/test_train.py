@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from commands import run_command
 
 from provlae.config import TrialConfig
 from provlae.errors import ConfigError, DataError, TrainingDiverged
@@ -233,11 +234,12 @@ def _write_corrupt_npz(path: Path) -> Path:
     ({"data_path": "/nonexistent/dsprites.npz"}, "data_path does not exist"),
     ({"data_path": "CORRUPT"}, "missing key"),
 ])
-def test_cli_refuses_bad_input(tmp_path, bad, message):
+def test_cli_refuses_bad_input(tmp_path, bad, message, capsys, monkeypatch):
     if bad.get("data_path") == "CORRUPT":
         bad = {"data_path": str(_write_corrupt_npz(tmp_path / "bad.npz"))}
     out = tmp_path / "run"
-    r = cli(["train", *sets({**TINY, **bad}), "--out", str(out)], tmp_path, timeout=60)
+    r = run_command("provlae", "train", *sets({**TINY, **bad}), "--out", str(out), capsys=capsys,
+                    monkeypatch=monkeypatch, env={"PROVLAE_HOME": str(tmp_path)})
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr

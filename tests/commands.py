@@ -1,0 +1,60 @@
+"""A command line run in the test's own process: the same ``main`` its script or module calls, its exit
+status and what it printed returned as a finished process (``subprocess.CompletedProcess``).
+
+For the tables of bad input and the dry runs, where a new interpreter would add only its start-up (2-3 s of
+imports each) and assert nothing more. Each command keeps at least one test that runs it as a real process
+(the process's own exit status and stderr): the sweep scripts in tests/test_sweep_grid.py and
+tests/test_sweep_inputs.py, ``python -m provlae`` in tests/test_train.py, ``python -m analysis`` in
+tests/test_analysis.py.
+"""
+from __future__ import annotations
+
+import subprocess
+
+
+def _full_grid(argv):
+    from sweeps.cli import run_main
+    from sweeps.full_grid import main
+
+    return run_main(main, argv)
+
+
+def _optuna_search(argv):
+    from sweeps.cli import run_main
+    from sweeps.optuna_search import main
+
+    return run_main(main, argv)
+
+
+def _provlae(argv):
+    from provlae.__main__ import main
+
+    return main(argv)
+
+
+def _analysis(argv):
+    from analysis.__main__ import main
+
+    return main(argv)
+
+
+# As the real commands run them: `python sweeps/<name>.py`, `python -m provlae`, `python -m analysis`.
+COMMANDS = {"full_grid": _full_grid, "optuna_search": _optuna_search, "provlae": _provlae, "analysis": _analysis}
+
+
+def run_command(command: str, *args: str, capsys, monkeypatch, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess:
+    """Run ``command`` (a key of COMMANDS) with ``args`` here, with ``env`` set for the call (a value of
+    None unsets the variable); argparse's own exits count as the exit status."""
+    for key, value in (env or {}).items():
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+    capsys.readouterr()  # what the test printed before is not the command's
+    try:
+        code = COMMANDS[command](list(args))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([command, *args], code, out, err)
