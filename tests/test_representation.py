@@ -11,7 +11,7 @@ from provlae.train import Trainer
 
 TINY = dict(dataset="dsprites", family="pro_vlae", subset=600, steps_per_stage=6, batch_size=16, log_every=3,
             fade_in_steps=3, mi_samples=100, factor_train_votes=40, factor_eval_votes=20, eval_subset=250,
-            device="cpu")
+            channels=8, hidden=32, device="cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -33,12 +33,21 @@ def stored(seed: int, folder) -> tuple[Trainer, list[dict], list]:
     return trainer, logged, reps
 
 
-def test_each_stage_end_stores_what_it_evaluated(tmp_path):
-    trainer, logged, reps = stored(0, tmp_path)
+@pytest.fixture(scope="module")
+def seed0(provlae_home, tmp_path_factory):
+    """Seed 0 trained once for the tests that only read what it stored: (trainer, logged, reps, folder)."""
+    folder = tmp_path_factory.mktemp("representations")
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("PROVLAE_HOME", str(provlae_home))
+        return (*stored(0, folder), folder / "seed0")
+
+
+def test_each_stage_end_stores_what_it_evaluated(seed0):
+    trainer, logged, reps, folder = seed0
     cfg = trainer.cfg
     assert [r.stage for r in reps] == list(range(cfg.num_stages))
     assert [r.step for r in reps] == [cfg.stage_steps * (s + 1) for s in range(cfg.num_stages)]
-    assert sorted(p.name for p in (tmp_path / "seed0").iterdir()) == [f"stage{s}.npz" for s in range(cfg.num_stages)]
+    assert sorted(p.name for p in folder.iterdir()) == [f"stage{s}.npz" for s in range(cfg.num_stages)]
     index = trainer.eval_index().numpy()
     for rep, metrics in zip(reps, logged):
         assert np.array_equal(rep.index, index)  # every evaluated image (fewer than MAX_POINTS)
@@ -52,8 +61,8 @@ def test_each_stage_end_stores_what_it_evaluated(tmp_path):
     assert reps[-1].codes.shape == (len(index), len(reps[-1].kl))
 
 
-def test_every_seed_stores_the_same_images(tmp_path):
-    _, _, first = stored(0, tmp_path)
+def test_every_seed_stores_the_same_images(seed0, tmp_path):
+    first = seed0[2]
     _, _, other = stored(1, tmp_path)
     assert np.array_equal(first[-1].index, other[-1].index)
     assert not np.array_equal(first[-1].mu, other[-1].mu)  # two models, one set of inputs
@@ -66,9 +75,8 @@ def test_at_most_max_points_are_stored_and_they_do_not_depend_on_the_seed():
     assert np.array_equal(representation.stored_rows(50, data_seed=0), np.arange(50))
 
 
-def test_a_damaged_or_foreign_file_is_one_error_naming_it(tmp_path):
-    stored(0, tmp_path)
-    good = tmp_path / "seed0" / "stage2.npz"
+def test_a_damaged_or_foreign_file_is_one_error_naming_it(seed0, tmp_path):
+    good = seed0[3] / "stage2.npz"
     cut = tmp_path / "cut.npz"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(representation.RepresentationError, match=f"{cut} cannot be read"):

@@ -199,12 +199,17 @@ def test_cli_writes_result_and_figures(tmp_path):
     assert "stage 2" in r.stderr and "img/s" in r.stderr and "ETA" in r.stderr
 
 
-def test_cli_resumes_after_sigkill_with_identical_metrics(tmp_path):
+def test_cli_resumes_after_sigkill_with_identical_metrics(tmp_path, capsys, monkeypatch):
+    import torch
+
     args = sets({**TINY, "family": "pro_vlae", "steps_per_stage": 20, "checkpoint_every": 7, "log_every": 1})
-    ref = cli(["train", *args, "--out", str(tmp_path / "ref")], tmp_path)
+    # the uninterrupted reference in this process; the killed and resumed runs with its thread count (a
+    # reduction's order follows it)
+    ref = run_command("provlae", "train", *args, "--out", str(tmp_path / "ref"), capsys=capsys,
+                      monkeypatch=monkeypatch, env={"PROVLAE_HOME": str(tmp_path)})
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
-    env = {**os.environ, "PROVLAE_HOME": str(tmp_path)}
+    env = {**os.environ, "PROVLAE_HOME": str(tmp_path), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "provlae", "train", *args, "--out", str(out)], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
@@ -214,7 +219,8 @@ def test_cli_resumes_after_sigkill_with_identical_metrics(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "result.json").exists()
-    again = cli(["train", *args, "--out", str(out)], tmp_path)
+    again = subprocess.run([sys.executable, "-m", "provlae", "train", *args, "--out", str(out)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stderr
     assert (json.loads((out / "result.json").read_text())["metrics"]
