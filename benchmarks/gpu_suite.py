@@ -79,7 +79,7 @@ ERRORS: dict[str, str] = {}
 GPU = dict(ks=(4, 8, 16), solo_s=20.0, fused_s=20.0, compile_s=20.0, warmup=10, calib=20, max_steps=20000,
            min_left={"data": -math.inf, "solo": 40, "fused": 45, "eval": 60, "compile": 90, "grid": -math.inf,
                      "table": -math.inf})
-TINY = dict(ks=(2, 3), solo_s=1.0, fused_s=1.0, compile_s=1.0, warmup=2, calib=2, max_steps=200,
+TINY = dict(ks=(2, 3), solo_s=0.4, fused_s=0.4, compile_s=0.4, warmup=2, calib=2, max_steps=200,
             min_left=dict.fromkeys(("data", "solo", "fused", "eval", "compile", "grid", "table"),
                                    -math.inf))  # never skipped
 TINY_CONFIG = dict(subset=2048, batch_size=32, mi_samples=300, factor_train_votes=100, factor_eval_votes=50,

@@ -4,6 +4,7 @@
   python -m provlae data generate {dsprites,shapes3d} --out PATH
   python -m provlae data check PATH
   python -m provlae calibrate [--device auto|cpu|cuda] [--fuse 1,4] [--batch-size N] [--dataset D] [--family F]
+                            [--eval-images N]
 
 User errors print one line ``error: ...`` and exit with status 2.
 """
@@ -143,7 +144,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     base = TrialConfig.from_dict({**parse_assignments(args.set), "dataset": args.dataset, "family": args.family,
                                   "batch_size": args.batch_size, "device": args.device})
-    measured = calibrate(base, fuse, seconds=args.seconds, say=lambda line: print(line, flush=True))
+    measured = calibrate(base, fuse, seconds=args.seconds, say=lambda line: print(line, flush=True),
+                         eval_images=args.eval_images)
     print(f"added {len(measured)} measurement(s) to {add(measured)}")
     return 0
 
@@ -187,6 +189,8 @@ def _main(argv: list[str] | None) -> int:
     cal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another config field")
     cal.add_argument("--seconds", type=float, default=6.0, help="timed seconds per measurement (default 6)")
     cal.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; a sweep trial: its CPUs)")
+    cal.add_argument("--eval-images", type=int, default=4096,
+                     help="images of the timed evaluation (default 4096; fewer: sooner, a rougher figure)")
     cal.set_defaults(func=cmd_calibrate)
     data = sub.add_parser("data", help="generate or check datasets")
     add_data_subcommands(data.add_subparsers(dest="data_command", required=True))

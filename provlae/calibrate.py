@@ -16,6 +16,7 @@ import torch
 from provlae import data as datasets
 from provlae.config import TrialConfig
 from provlae.device import device_name, resolve_device
+from provlae.errors import ConfigError
 from provlae.fused import FusedTrainer, resolve_kernels
 from provlae.throughput import Measurement
 from provlae.train import Trainer
@@ -31,12 +32,15 @@ def sync(device: torch.device) -> None:
 
 
 def calibrate(base: TrialConfig, fuse: Sequence[int] = (1,), seconds: float = 6.0, kernels: str = "auto",
-              say: Callable[[str], None] = print) -> list[Measurement]:
+              say: Callable[[str], None] = print, eval_images: int = EVAL_IMAGES) -> list[Measurement]:
     """One measurement per K of ``fuse`` (1: solo) for ``base``'s family, dataset, batch size and dtype on
-    its device; the evaluation is measured once and shared by them."""
+    its device; the evaluation (of ``eval_images`` images, at most SUBSET; plans scale it by the images a
+    trial evaluates) is measured once and shared by them."""
+    if not 1 <= eval_images <= SUBSET:
+        raise ConfigError(f"--eval-images must be 1 to {SUBSET}, got {eval_images}")
     device = resolve_device(base.device)
     cfg = base.with_overrides({"subset": min(SUBSET, base.subset or SUBSET), "device": str(device),
-                               "eval_subset": EVAL_IMAGES})
+                               "eval_subset": eval_images})
     timed = cfg.with_overrides({"steps_per_stage": 10**6})  # no stage end inside the timed steps
     ds = datasets.load(cfg.dataset, path=cfg.data_path, subset=cfg.subset, seed=cfg.data_seed)
     name = device_name(device)

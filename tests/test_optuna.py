@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import servers
+from smoke import QUICK
 
 from provlae.config import TrialConfig
 from sweeps import search
@@ -23,10 +24,9 @@ from sweeps.optuna_search import main
 
 ROOT = Path(__file__).resolve().parents[1]
 # The smoke preset made smaller still: a pro_vlae trial trains 3 stages of 4 steps in a few seconds.
+# A narrow network evaluated on 200 images (tests/smoke.py): what the search tests assert holds at any size
 TINY = {"steps_per_stage": 4, "log_every": 2, "batch_size": 16, "subset": 256, "mi_samples": 64,
-        "factor_train_votes": 20, "factor_eval_votes": 10, "hidden": 64, "channels": 16}
-# search_trial in this process: a narrower network evaluated on 200 images (what it asserts holds at any size)
-IN_PROCESS = {**TINY, "hidden": 32, "channels": 8, "eval_subset": 200}
+        "factor_train_votes": 20, "factor_eval_votes": 10, **QUICK}
 
 
 def spec(family: str = "pro_vlae", objective: str = "mig_sup", mode: str | None = None, seeds=(0,),
@@ -91,7 +91,7 @@ def test_a_configuration_trains_every_seed_and_reports_their_mean_at_stage_ends(
     from provlae import fused
 
     reports, client, exp, ctx = _in_process(monkeypatch, provlae_home, tmp_path, "lockstep", "t0001")
-    config = {"trial": spec(objective="recon_error", **IN_PROCESS).base.to_dict(), "beta": 2.0, "gamma": 0.3,
+    config = {"trial": spec(objective="recon_error", **TINY).base.to_dict(), "beta": 2.0, "gamma": 0.3,
               "fade_in_steps": 2, "lr": 1e-3}
 
     threads = torch.get_num_threads()
@@ -130,7 +130,7 @@ def test_a_configurations_seeds_train_as_one_group_with_their_solo_numbers(provl
 
     reports, client, exp, ctx = _in_process(monkeypatch, provlae_home, tmp_path, "group", "t0002")
     sampled = {"beta": 2.0, "gamma": 0.3, "fade_in_steps": 2, "lr": 1e-3}
-    config = {"trial": spec(objective="recon_error", **IN_PROCESS).base.to_dict(), **sampled}
+    config = {"trial": spec(objective="recon_error", **TINY).base.to_dict(), **sampled}
     seeds = [0, 1, 2]
 
     groups, advances = [], []
@@ -421,7 +421,7 @@ def test_a_diverging_seed_fails_the_configuration_and_its_retry_at_once(provlae_
     from provlae.errors import TrainingDiverged
 
     reports, client, exp, ctx = _in_process(monkeypatch, provlae_home, tmp_path, "diverge", "t0003")
-    config = {"trial": spec(objective="recon_error", **IN_PROCESS).base.to_dict(), "beta": 1e39, "gamma": 0.3,
+    config = {"trial": spec(objective="recon_error", **TINY).base.to_dict(), "beta": 1e39, "gamma": 0.3,
               "fade_in_steps": 2, "lr": 1e-3}
     threads = torch.get_num_threads()
     try:
@@ -452,7 +452,7 @@ def test_a_configuration_resumes_from_the_checkpoint_before_a_damaged_one(provla
 
     reports, client, exp, ctx = _in_process(monkeypatch, provlae_home, tmp_path, "fallback", "t0004")
     sampled = {"beta": 2.0, "gamma": 0.3, "fade_in_steps": 2, "lr": 1e-3}
-    config = {"trial": spec(objective="recon_error", **IN_PROCESS).base.to_dict(), **sampled}
+    config = {"trial": spec(objective="recon_error", **TINY).base.to_dict(), **sampled}
     trial = tmp_path / "trial"  # Tune's checkpoint_NNNNNN folders of the trial
 
     class WorkerLost(BaseException):

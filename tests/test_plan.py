@@ -136,14 +136,14 @@ def dry_run(home: Path, capsys, monkeypatch, *args: str) -> subprocess.Completed
 def test_calibrate_measures_this_cpu_and_the_dry_run_plans_from_it(tmp_path, capsys, monkeypatch):
     env = {**os.environ, "PROVLAE_HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "provlae", "calibrate", "--device", "cpu", "--fuse", "1,2",
-                          "--batch-size", "32", "--seconds", "1", "--threads", "1", "--set", "mi_samples=500",
-                          "--set", "factor_train_votes=100", "--set", "factor_eval_votes=50"],
+                          "--batch-size", "32", "--seconds", "1", "--threads", "1", "--eval-images", "512",
+                          "--set", "mi_samples=500", "--set", "factor_train_votes=100", "--set", "factor_eval_votes=50"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     table = read_table(tmp_path / "throughput.json")
     assert [(m.device, m.fuse, m.batch_size, m.source) for m in table] == [("cpu", 1, 32, "calibrate"),
                                                                            ("cpu", 2, 32, "calibrate")]
-    assert all(m.train_img_s > 0 and m.eval_s > 0 and m.eval_images == 4096 for m in table)
+    assert all(m.train_img_s > 0 and m.eval_s > 0 and m.eval_images == 512 for m in table)
     assert out.stdout.strip().splitlines()[-1] == f"added 2 measurement(s) to {tmp_path / 'throughput.json'}"
     # pro-VLAE of the smoke grid planned from it: batch 32 as measured, so no note about a rougher estimate.
     plan = dry_run(tmp_path, capsys, monkeypatch, "--families", "pro_vlae", "--seeds", "4", "--set",
@@ -153,6 +153,10 @@ def test_calibrate_measures_this_cpu_and_the_dry_run_plans_from_it(tmp_path, cap
     bad = run_command("provlae", "calibrate", "--fuse", "0", capsys=capsys, monkeypatch=monkeypatch)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --fuse must be a comma list of group sizes >= 1, got '0'"]
+    for images in ("0", "8193"):
+        bad = run_command("provlae", "calibrate", "--eval-images", images, capsys=capsys, monkeypatch=monkeypatch)
+        assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+            f"error: --eval-images must be 1 to 8192, got {images}"]
     assert len(read_table(tmp_path / "throughput.json")) == 2
 
 

@@ -11,13 +11,12 @@ import io
 import os
 import random
 import statistics
-import subprocess
-import sys
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from commands import run_command
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
@@ -366,16 +365,10 @@ def test_an_earlier_report_is_replaced_whole(store, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "analysis", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_cli_writes_the_report_and_bad_input_is_one_line(store, tmp_path, capsys):
+def test_cli_writes_the_report_and_bad_input_is_one_line(store, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cli"
-    result = cli("report", "--experiment", EXPERIMENT, "--tracking-uri", store["uri"], "--sweep", "main",
-                 "--out", str(out))
+    result = run_command("analysis", "report", "--experiment", EXPERIMENT, "--tracking-uri", store["uri"],
+                         "--sweep", "main", "--out", str(out), capsys=capsys, monkeypatch=monkeypatch)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"Report: {out / 'index.html'}"
     assert "Downloading artifacts" not in result.stderr  # no progress bar per fetched figure
