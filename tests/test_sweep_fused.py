@@ -30,7 +30,8 @@ def store(tmp_path_factory) -> Path:
 
 def sweep_args(store: Path, name: str, *extra: str) -> list[str]:
     return ["--preset", "smoke", "--name", name, "--experiment", "fused",
-            "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}", "--storage", str(store / "ray"), *extra]
+            "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}", "--storage", str(store / "ray"),
+            "--no-report", *extra]  # the report: its own tests (tests/test_report.py, the smoke sweep's)
 
 
 def uri(store: Path) -> str:

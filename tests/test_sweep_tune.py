@@ -34,10 +34,12 @@ def store(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("sweeps")
 
 
-def sweep_args(store: Path, name: str, *extra: str) -> list[str]:
+def sweep_args(store: Path, name: str, *extra: str, report: bool = False) -> list[str]:
+    """The smoke sweep's command line; the study report only where a test reads it (its own tests are in
+    tests/test_report.py; writing it costs a driver seconds of CPU)."""
     return ["--preset", "smoke", "--name", name, "--experiment", name,
             "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}", "--storage", str(store / "ray"),
-            *smoke.quick_args(), *extra]
+            *smoke.quick_args(), *([] if report else ["--no-report"]), *extra]
 
 
 def trials(overrides: dict | None = None, **axes) -> dict:
@@ -112,7 +114,7 @@ def test_trainable_pickles(local_ray):
 
 
 def test_smoke_sweep_tracks_one_run_per_trial(local_ray, store, capsys, check_sweep_runs):
-    args = sweep_args(store, "smoke")
+    args = sweep_args(store, "smoke", report=True)
     assert main(args) == 0
     out = capsys.readouterr().out
     expected = trials()

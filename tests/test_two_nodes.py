@@ -39,7 +39,7 @@ def cluster(tmp_path_factory):
 def driver(cluster, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**cluster["head"].env, "PROVLAE_HOME": str(cluster["homes"]["head"])}
     cmd = [sys.executable, "sweeps/full_grid.py", "--preset", "smoke", "--address", cluster["head"].gcs_address,
-           *args]
+           "--no-report", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
