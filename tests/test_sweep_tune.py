@@ -167,7 +167,8 @@ def test_smoke_sweep_tracks_one_run_per_trial(local_ray, store, capsys, check_sw
 def test_diverging_cell_fails_alone(local_ray, store, capsys, check_sweep_runs):
     # beta = 1e39 is finite in the config (float64) but inf in the float32 loss: NaN/Inf at step 1.
     # Retries are allowed: each one finds the divergence in the trial's run and fails again at once.
-    args = sweep_args(store, "nan", "--families", "beta_vae", "--betas", "1,1e39", "--max-failures", "2")
+    args = sweep_args(store, "nan", "--families", "beta_vae", "--betas", "1,1e39", "--max-failures", "2",
+                      report=True)
     assert main(args) == 1
     out = capsys.readouterr().out
     assert "1 of 2 trial(s) failed" in out and "TrainingDiverged" in out
