@@ -9,37 +9,23 @@ tests/test_analysis.py.
 """
 from __future__ import annotations
 
+import importlib
 import subprocess
 
+# Each command's module, and whether its ``__main__`` block wraps ``main`` in ``sweeps.cli.run_main`` (the
+# sweep scripts: `python sweeps/<name>.py`) or ``main`` reports its own errors (`python -m provlae|analysis`).
+COMMANDS = {"full_grid": ("sweeps.full_grid", True), "optuna_search": ("sweeps.optuna_search", True),
+            "provlae": ("provlae.__main__", False), "analysis": ("analysis.__main__", False)}
 
-def _full_grid(argv):
+
+def _entry(command: str):
+    module, wrapped = COMMANDS[command]
+    main = importlib.import_module(module).main
+    if not wrapped:
+        return main
     from sweeps.cli import run_main
-    from sweeps.full_grid import main
 
-    return run_main(main, argv)
-
-
-def _optuna_search(argv):
-    from sweeps.cli import run_main
-    from sweeps.optuna_search import main
-
-    return run_main(main, argv)
-
-
-def _provlae(argv):
-    from provlae.__main__ import main
-
-    return main(argv)
-
-
-def _analysis(argv):
-    from analysis.__main__ import main
-
-    return main(argv)
-
-
-# As the real commands run them: `python sweeps/<name>.py`, `python -m provlae`, `python -m analysis`.
-COMMANDS = {"full_grid": _full_grid, "optuna_search": _optuna_search, "provlae": _provlae, "analysis": _analysis}
+    return lambda argv: run_main(main, argv)
 
 
 def run_command(command: str, *args: str, capsys, monkeypatch, env: dict[str, str] | None = None
@@ -53,7 +39,7 @@ def run_command(command: str, *args: str, capsys, monkeypatch, env: dict[str, st
             monkeypatch.setenv(key, value)
     capsys.readouterr()  # what the test printed before is not the command's
     try:
-        code = COMMANDS[command](list(args))
+        code = _entry(command)(list(args))
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     out, err = capsys.readouterr()
