@@ -9,7 +9,7 @@ subtracted (two runs of different lengths). Ratio: the solo trainer's operators 
 
     python benchmarks/launch_count.py [--quick] [--ks 1,8,16,40] [--steps 3]
 
---quick: K = 1, 8 (seconds). Target: K = 40 at >= 20x fewer operators per member-step than solo. The network is
+--quick: K = 1, 8, one profiled step (seconds). Target: K = 40 at >= 20x fewer operators per member-step than solo. The network is
 narrow (8 channels, 32 units): the counts are those of the default width, counted sooner.
 Last line: {"name": "launch_count", "solo_ops_per_step": ..., "per_member_step": {K: ...}, "ratio": {K: ...}}
 """
@@ -69,9 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="K = 1, 8")
     parser.add_argument("--ks", help="group sizes (default 1,8,16,40)")
-    parser.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="profiled steps (default 3; 1 with --quick: every step dispatches the same)")
     args = parser.parse_args(argv)
     ks = [int(k) for k in (args.ks or ("1,8" if args.quick else "1,8,16,40")).split(",")]
+    if args.steps is None:
+        args.steps = 1 if args.quick else 3
     if args.steps < 1 or min(ks) < 1:
         parser.error("--steps and every K must be >= 1")
     torch.set_num_threads(1)
