@@ -203,8 +203,8 @@ def test_cli_resumes_after_sigkill_with_identical_metrics(tmp_path, capsys, monk
     import torch
 
     args = sets({**TINY, "family": "pro_vlae", "steps_per_stage": 20, "checkpoint_every": 7, "log_every": 1})
-    # the uninterrupted reference in this process; the killed and resumed runs with its thread count (a
-    # reduction's order follows it)
+    # the uninterrupted reference and the resume in this process; the killed run in a process of its own,
+    # with this one's thread count (a reduction's order follows it)
     ref = run_command("provlae", "train", *args, "--out", str(tmp_path / "ref"), capsys=capsys,
                       monkeypatch=monkeypatch, env={"PROVLAE_HOME": str(tmp_path)})
     assert ref.returncode == 0, ref.stderr
@@ -219,8 +219,8 @@ def test_cli_resumes_after_sigkill_with_identical_metrics(tmp_path, capsys, monk
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "result.json").exists()
-    again = subprocess.run([sys.executable, "-m", "provlae", "train", *args, "--out", str(out)], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=240)
+    again = run_command("provlae", "train", *args, "--out", str(out), capsys=capsys, monkeypatch=monkeypatch,
+                        env={"PROVLAE_HOME": str(tmp_path)})
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stderr
     assert (json.loads((out / "result.json").read_text())["metrics"]
