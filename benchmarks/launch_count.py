@@ -9,8 +9,8 @@ subtracted (two runs of different lengths). Ratio: the solo trainer's operators 
 
     python benchmarks/launch_count.py [--quick] [--ks 1,8,16,40] [--steps 3]
 
---quick: K = 1, 8, one profiled step (seconds). Target: K = 40 at >= 20x fewer operators per member-step than solo. The network is
-narrow (8 channels, 32 units): the counts are those of the default width, counted sooner.
+--quick: K = 1, 8, one profiled step (seconds). Target: K = 40 at >= 20x fewer operators per member-step than
+solo. The network is narrow (8 channels, 32 units): the counts are those of the default width, counted sooner.
 Last line: {"name": "launch_count", "solo_ops_per_step": ..., "per_member_step": {K: ...}, "ratio": {K: ...}}
 """
 from __future__ import annotations

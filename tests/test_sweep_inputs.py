@@ -41,11 +41,16 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def sweep_flags(tmp: Path, script: str, flags, tracking_uri: str | None) -> list[str]:
+    """The script's arguments with its own storage, sqlite store, name and experiment under ``tmp``."""
+    return [*SCRIPTS[script][1:], "--storage", str(tmp / "ray"), "--name", NAME, "--experiment", EXPERIMENT,
+            "--tracking-uri", tracking_uri or f"sqlite:///{tmp / 'mlflow.db'}", *flags]
+
+
 def sweep(tmp: Path, *flags: str, script: str = "full_grid", env: dict[str, str] | None = None,
           tracking_uri: str | None = None) -> subprocess.CompletedProcess:
     """A sweep script with its own storage, sqlite store, name, experiment and PROVLAE_HOME under ``tmp``."""
-    cmd = [sys.executable, *SCRIPTS[script], "--storage", str(tmp / "ray"), "--name", NAME,
-           "--experiment", EXPERIMENT, "--tracking-uri", tracking_uri or f"sqlite:///{tmp / 'mlflow.db'}", *flags]
+    cmd = [sys.executable, SCRIPTS[script][0], *sweep_flags(tmp, script, flags, tracking_uri)]
     env = {**(env if env is not None else clean_env()), "PROVLAE_HOME": str(tmp / "home")}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
 
@@ -53,11 +58,9 @@ def sweep(tmp: Path, *flags: str, script: str = "full_grid", env: dict[str, str]
 def sweep_here(tmp: Path, *flags: str, capsys, monkeypatch, script: str = "full_grid",
                env: dict[str, str] | None = None, tracking_uri: str | None = None) -> subprocess.CompletedProcess:
     """``sweep`` run in this process (tests/commands.py): for the refusals that need no process of their own."""
-    _, *preset = SCRIPTS[script]
-    args = [*preset, "--storage", str(tmp / "ray"), "--name", NAME, "--experiment", EXPERIMENT,
-            "--tracking-uri", tracking_uri or f"sqlite:///{tmp / 'mlflow.db'}", *flags]
     unset = {k: None for k in os.environ if k.startswith(("RAY_", "MLFLOW_"))}
-    return run_command(Path(SCRIPTS[script][0]).stem, *args, capsys=capsys, monkeypatch=monkeypatch,
+    return run_command(Path(SCRIPTS[script][0]).stem, *sweep_flags(tmp, script, flags, tracking_uri),
+                       capsys=capsys, monkeypatch=monkeypatch,
                        env={**unset, **(env or {}), "PROVLAE_HOME": str(tmp / "home")})
 
 
