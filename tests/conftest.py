@@ -55,6 +55,17 @@ def provlae_home(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.fixture(scope="session")
+def paced():
+    """The paced plug-in family (tests/paced.py), loaded here as a sweep loads it: its module."""
+    import sys
+
+    from provlae import plugins
+
+    (name,) = plugins.load("tests.paced")
+    return sys.modules[name]
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on 127.0.0.1 (sqlite store, local artifacts); yields its URL."""

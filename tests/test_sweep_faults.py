@@ -30,8 +30,9 @@ from sweeps.tracking import RESUMED_TAG
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-# long enough to be stopped mid-stage: the preset's width
-LONG = smoke.quick({"steps_per_stage": 60, "checkpoint_every": 10, **smoke.WIDE})
+# long enough to be stopped mid-stage: the paced family's trials (tests/paced.py) on the narrow network
+LONG = smoke.quick({"steps_per_stage": 60, "checkpoint_every": 10})
+PACED = ["--plugin", "tests.paced", "--families", "paced"]
 OUTAGE = 12  # seconds the tracking server is away while a trial waits for it: two of its 5-second retries
 
 
@@ -47,12 +48,13 @@ def sweep_cmd(store: Path, name: str, *extra: str, uri: str | None = None) -> li
 
 
 def long_args(**overrides) -> list[str]:
-    return ["--families", "pro_vlae", *[f"--set={k}={v}" for k, v in {**LONG, **overrides}.items()]]
+    return [*PACED, *[f"--set={k}={v}" for k, v in {**LONG, **overrides}.items()]]
 
 
-def the_trial(**overrides):
-    (cfg,) = grid.build_trials("smoke", families=["pro_vlae"],
-                               overrides={"device": "cpu", **{k: str(v) for k, v in {**LONG, **overrides}.items()}})
+def the_trial(paced, **overrides):
+    """The config of the one paced trial that ``long_args(**overrides)`` sweeps."""
+    (cfg,) = grid.build_trials("smoke", families=[paced.FAMILY], overrides={
+        "device": "cpu", "plugins": paced.MODULE, **{k: str(v) for k, v in {**LONG, **overrides}.items()}})
     return cfg
 
 
@@ -77,8 +79,9 @@ def logged_step(uri: str, sweep: str) -> int:
         return 0
 
 
-def reference_run(cfg) -> tuple[dict, list[tuple[int, float]]]:
-    """The trial trained in this process, uninterrupted: its final metrics and its loss history."""
+def reference_run(paced, cfg) -> tuple[dict, list[tuple[int, float]]]:
+    """The trial trained in this process, uninterrupted (and unpaced): its final metrics and its loss
+    history."""
     import torch
 
     from provlae.train import Trainer
@@ -92,7 +95,8 @@ def reference_run(cfg) -> tuple[dict, list[tuple[int, float]]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the trial
     try:
-        final = Trainer(cfg).run(on_event)
+        with paced.unpaced():
+            final = Trainer(cfg).run(on_event)
     finally:
         torch.set_num_threads(threads)
     return final, losses
@@ -115,17 +119,18 @@ def one_error_line(out: subprocess.CompletedProcess) -> str:
 
 
 def trial_folder(store: Path, sweep: str) -> Path:
-    (folder,) = [p for p in (store / "ray" / sweep).iterdir() if p.is_dir() and p.name.startswith("pro_vlae")]
+    (folder,) = [p for p in (store / "ray" / sweep).iterdir() if p.is_dir() and p.name.startswith("paced")]
     return folder
 
 
 # ----------------------------------------------------------------------------- drivers and damage
 
 
-def test_a_second_driver_is_refused_and_a_stopped_sweep_resumes_past_damage(local_ray, store, check_sweep_runs):
+def test_a_second_driver_is_refused_and_a_stopped_sweep_resumes_past_damage(local_ray, store, check_sweep_runs,
+                                                                            paced):
     name, uri = "drivers", f"sqlite:///{store / 'mlflow.db'}"
     cmd = sweep_cmd(store, name, *long_args(), "--address", local_ray)
-    cfg = the_trial()
+    cfg = the_trial(paced)
     with open(store / f"{name}-1.log", "w") as log:
         first = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -163,7 +168,7 @@ def test_a_second_driver_is_refused_and_a_stopped_sweep_resumes_past_damage(loca
     assert f"resuming sweep '{name}'" in rerun.stdout
     run = check_sweep_runs(uri, name, name, {cfg.run_name: cfg})[cfg.run_name]
     assert int(run.data.tags[RESUMED_TAG]) == steps[0] < steps[1]  # from the checkpoint before the damaged one
-    reference = reference_run(cfg)
+    reference = reference_run(paced, cfg)
     assert_same_as_uninterrupted(uri, run, cfg, reference)
 
     # The newest Tune state is truncated: the grid starts its Tuner again in the folder, and the trial,
@@ -179,12 +184,12 @@ def test_a_second_driver_is_refused_and_a_stopped_sweep_resumes_past_damage(loca
     assert run.data.tags[RESUMED_TAG] == str(steps[0])  # no new attempt trained it
 
 
-def test_a_driver_killed_outright_leaves_runs_that_the_rerun_sets_right(local_ray, store, check_sweep_runs):
+def test_a_driver_killed_outright_leaves_runs_that_the_rerun_sets_right(local_ray, store, check_sweep_runs, paced):
     """SIGKILL (no chance to record anything): the rerun takes over its lease at once (same machine, the
     process is gone), marks what it left RUNNING as KILLED, and finishes it."""
     name, uri = "sigkill", f"sqlite:///{store / 'mlflow.db'}"
     cmd = sweep_cmd(store, name, *long_args(steps_per_stage=30), "--address", local_ray)
-    cfg = the_trial(steps_per_stage=30)
+    cfg = the_trial(paced, steps_per_stage=30)
     with open(store / f"{name}-1.log", "w") as log:
         first = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -206,7 +211,7 @@ def test_a_driver_killed_outright_leaves_runs_that_the_rerun_sets_right(local_ra
 # ------------------------------------------------------------------------------- the tracking server
 
 
-def test_the_tracking_server_away(local_ray, store, check_sweep_runs, tmp_path):
+def test_the_tracking_server_away(local_ray, store, check_sweep_runs, tmp_path, paced):
     """Away for longer than --tracking-patience: the trial fails with that error and the summary prints;
     the rerun resumes it into the same run, and there the server is away for OUTAGE seconds, which it waits out."""
     folder = tmp_path / "mlflow"
@@ -215,7 +220,7 @@ def test_the_tracking_server_away(local_ray, store, check_sweep_runs, tmp_path):
     name = "outage"
     cmd = sweep_cmd(store, name, *long_args(steps_per_stage=25), "--address", local_ray, "--max-failures", "0",
                     uri=uri)
-    cfg = the_trial(steps_per_stage=25)
+    cfg = the_trial(paced, steps_per_stage=25)
     with servers.mlflow_server(folder, port=port):
         with open(store / f"{name}-1.log", "w") as log:
             first = subprocess.Popen([*cmd, "--tracking-patience", "4"], cwd=ROOT, stdout=log,
@@ -247,7 +252,7 @@ def test_the_tracking_server_away(local_ray, store, check_sweep_runs, tmp_path):
             servers.kill_session(rerun)
             raise
     away = time.monotonic()  # away mid-stage; meanwhile, the uninterrupted trial here
-    reference = reference_run(cfg)
+    reference = reference_run(paced, cfg)
     time.sleep(max(0.0, OUTAGE - (time.monotonic() - away)))
     with servers.mlflow_server(folder, port=port):
         try:

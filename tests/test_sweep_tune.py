@@ -182,16 +182,16 @@ def test_diverging_cell_fails_alone(local_ray, store, capsys, check_sweep_runs):
     assert parent.info.status == "FAILED"
 
 
-def test_killed_worker_resumes_into_the_same_run(local_ray, store, check_sweep_runs):
+def test_killed_worker_resumes_into_the_same_run(local_ray, store, check_sweep_runs, paced):
     """SIGKILL the trial's worker once a mid-stage checkpoint is in: the retry restores it and ends with
     one run, every step once, and the numbers of an uninterrupted run."""
     import torch
 
     from provlae.train import Trainer
 
-    long = {"steps_per_stage": "20", "checkpoint_every": "5", **smoke.WIDE}  # stopped mid-stage
-    extra = ["--families", "pro_vlae", *[f"--set={k}={v}" for k, v in long.items()]]
-    expected = trials(long, families=["pro_vlae"])
+    long = {"steps_per_stage": "30", "checkpoint_every": "5"}  # a paced trial (tests/paced.py): stopped mid-stage
+    extra = ["--plugin", paced.MODULE, "--families", paced.FAMILY, *[f"--set={k}={v}" for k, v in long.items()]]
+    expected = trials({**long, "plugins": paced.MODULE}, families=[paced.FAMILY])
     killed: list[int] = []
     thread = threading.Thread(target=_kill_worker_after_step, args=(store, "fault", 10, killed), daemon=True)
     thread.start()
@@ -208,7 +208,8 @@ def test_killed_worker_resumes_into_the_same_run(local_ray, store, check_sweep_r
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the trial
     try:
-        reference = Trainer(cfg).run()
+        with paced.unpaced():
+            reference = Trainer(cfg).run()
     finally:
         torch.set_num_threads(threads)
     for key in ("mig", "mig_sup", "factor_score", "recon_error", "loss"):

@@ -20,7 +20,9 @@ from sweeps.tracking import RESUMED_TAG
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = smoke.quick({"steps_per_stage": "25", "checkpoint_every": "5", **smoke.WIDE})  # stopped mid-trial
+# two seeds of the paced family (tests/paced.py) on the narrow network: a trial lasts long enough to lose its node
+STEPS = smoke.quick({"steps_per_stage": "25", "checkpoint_every": "5", "plugins": "tests.paced"})
+PACED = ["--plugin", "tests.paced", "--families", "paced", "--seeds", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,8 @@ def test_multi_node_footguns_are_refused_before_any_run(cluster, mlflow_server, 
         assert exp is None or not MlflowClient(mlflow_server).search_runs([exp.experiment_id])  # no run
 
 
-def test_sweep_spreads_over_both_nodes_and_survives_losing_one(cluster, mlflow_server, tmp_path, check_sweep_runs):
+def test_sweep_spreads_over_both_nodes_and_survives_losing_one(cluster, mlflow_server, tmp_path, check_sweep_runs,
+                                                              paced):
     import torch
     from mlflow import MlflowClient
 
@@ -92,14 +95,14 @@ def test_sweep_spreads_over_both_nodes_and_survives_losing_one(cluster, mlflow_s
     killed: list[str] = []
     watcher = threading.Thread(target=_kill_node_mid_trial, args=(cluster, mlflow_server, seen, killed), daemon=True)
     watcher.start()
-    out = driver(cluster, "--families", "vlae,pro_vlae", "--experiment", "two-nodes", "--name", "two-nodes",
+    out = driver(cluster, *PACED, "--experiment", "two-nodes", "--name", "two-nodes",
                  "--tracking-uri", mlflow_server, "--storage", str(tmp_path / "shared"), "--storage-is-shared",
                  *[a for k, v in STEPS.items() for a in ("--set", f"{k}={v}")])
     watcher.join(timeout=5)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert killed, "the second node was never killed"
 
-    expected = {c.run_name: c for c in grid.build_trials("smoke", families=["vlae", "pro_vlae"],
+    expected = {c.run_name: c for c in grid.build_trials("smoke", families=[paced.FAMILY], seeds=[0, 1],
                                                          overrides={**STEPS, "device": "cpu"})}
     runs = check_sweep_runs(mlflow_server, "two-nodes", "two-nodes", expected)  # one run each, no step twice
     # the trials ran on both nodes at once; the one on the lost node moved to the head and resumed there
@@ -118,7 +121,8 @@ def test_sweep_spreads_over_both_nodes_and_survives_losing_one(cluster, mlflow_s
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the trial
     try:
-        reference = Trainer(cfg).run()  # the same trial, uninterrupted
+        with paced.unpaced():
+            reference = Trainer(cfg).run()  # the same trial, uninterrupted
     finally:
         torch.set_num_threads(threads)
     for key in ("mig", "mig_sup", "factor_score", "recon_error", "loss"):
