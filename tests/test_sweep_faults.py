@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import servers
 import smoke
+from commands import run_command
 
 from provlae.errors import ConfigError
 from provlae.train import read_checkpoint
@@ -301,20 +302,19 @@ def test_an_error_that_repeats_ends_the_trial_even_without_a_retry_limit(local_r
 # --------------------------------------------------------------------------------- the sweep folder
 
 
-def test_a_sweep_folder_resumes_only_as_it_was_started(tmp_path, provlae_home):
+def test_a_sweep_folder_resumes_only_as_it_was_started(tmp_path, provlae_home, capsys, monkeypatch):
     """Another experiment or tracking URI, a search under a grid's name and the reverse, a damaged
-    manifest, a --storage that cannot be written: one error line each, before Ray, nothing created."""
+    manifest, a --storage that cannot be written: one error line each, before Ray, nothing created (each
+    command run in this process: tests/commands.py)."""
     from sweeps.launch import check_manifest
 
-    storage, env = tmp_path / "ray", {**os.environ, "PROVLAE_HOME": str(provlae_home)}
+    storage, env = tmp_path / "ray", {"PROVLAE_HOME": str(provlae_home)}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     configs = grid.build_trials("smoke", overrides={"device": "cpu"})
     check_manifest(str(storage / "s"), configs, 1, uri, "first")  # as the sweep wrote it
 
-    def run(*args: str, script: str = "sweeps/full_grid.py") -> str:
-        out = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=120)
-        return one_error_line(out)
+    def run(*args: str, command: str = "full_grid") -> str:
+        return one_error_line(run_command(command, *args, capsys=capsys, monkeypatch=monkeypatch, env=env))
 
     grid_args = ["--preset", "smoke", "--name", "s", "--storage", str(storage)]
     line = run(*grid_args, "--experiment", "other", "--tracking-uri", uri)
@@ -324,7 +324,7 @@ def test_a_sweep_folder_resumes_only_as_it_was_started(tmp_path, provlae_home):
     assert f"'first' at {uri}, not experiment 'first' at {other}" in line
     line = run("--family", "pro_vlae", "--dataset", "dsprites", "--trials", "2", "--preset", "smoke", "--name", "s",
                "--storage", str(storage), "--experiment", "first", "--tracking-uri", uri,
-               script="sweeps/optuna_search.py")
+               command="optuna_search")
     assert "holds a grid sweep (sweeps/full_grid.py), not an Optuna search" in line
 
     (storage / "q").mkdir()
