@@ -3,8 +3,8 @@
 The config tests parse every YAML under cluster/ and check the fields a multi-node GPU run depends on.
 The lifecycle tests start the real service (`cluster/local.sh up`: Ray head + MLflow server on loopback,
 state under a temporary PROVLAE_HOME, free ports), check it from the outside, submit the smoke sweep
-through `ray job submit` with nothing but the printed exports, find its runs in the MLflow server, and
-stop it. They share one service (module fixture) and run in file order: `down` is tested last, and the
+through `ray job submit` with nothing but the printed exports, find its runs in the MLflow server (each
+run's whole record, the sweep's folder and its report), and stop it. They share one service (module fixture) and run in file order: `down` is tested last, and the
 fixture runs `down` again whatever happened.
 """
 from __future__ import annotations
@@ -416,17 +416,25 @@ def test_status_reports_pids_and_ports(service):
         assert str(port) in status.stdout
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not SWEEP.exists(), reason="sweeps/full_grid.py is not written yet")
-def test_smoke_sweep_submitted_as_a_job_lands_in_the_mlflow_server(service):
-    from mlflow.tracking import MlflowClient
-
+@pytest.fixture(scope="module")
+def smoke_job(service) -> tuple[str, subprocess.CompletedProcess]:
+    """(experiment, the finished `ray job submit`): the smoke sweep submitted once to the service with
+    nothing but its printed exports; the two tests below read what it left."""
     experiment = "cluster-e2e"
     ray_cli = Path(sys.executable).parent / "ray"
     submit = subprocess.run(
         [str(ray_cli), "job", "submit", "--working-dir", str(REPO), "--",
          "python", "sweeps/full_grid.py", "--preset", "smoke", "--experiment", experiment, *smoke.quick_args()],
         env=service.client_env(), cwd=REPO, capture_output=True, text=True, timeout=1500)
+    return experiment, submit
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SWEEP.exists(), reason="sweeps/full_grid.py is not written yet")
+def test_smoke_sweep_submitted_as_a_job_lands_in_the_mlflow_server(service, smoke_job):
+    from mlflow.tracking import MlflowClient
+
+    experiment, submit = smoke_job
     assert submit.returncode == 0, f"job failed:\n{submit.stdout[-6000:]}\n{submit.stderr[-3000:]}"
 
     client = MlflowClient(tracking_uri=service.exports["MLFLOW_TRACKING_URI"])
@@ -440,6 +448,34 @@ def test_smoke_sweep_submitted_as_a_job_lands_in_the_mlflow_server(service):
     from sweeps.grid import build_trials
 
     assert sorted(r.info.run_name for r in trials) == sorted(c.run_name for c in build_trials("smoke"))
+
+
+@pytest.mark.slow
+def test_job_submit_smoke_sweep(service, smoke_job, check_sweep_runs, tmp_path):
+    """The same job, end to end: the MLflow contract of every run, the sweep's folder under the cluster's
+    data home, and its report written there and logged to the parent run through the server."""
+    from mlflow import MlflowClient
+
+    from sweeps.grid import build_trials
+
+    experiment, out = smoke_job
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "succeeded" in out.stdout + out.stderr
+    uri = service.exports["MLFLOW_TRACKING_URI"]
+    configs = {c.run_name: c for c in build_trials("smoke", overrides=smoke.quick({"device": "cpu"}))}
+    check_sweep_runs(uri, experiment, "full_grid-smoke", configs)
+    # the job ran on the cluster: results under the cluster's PROVLAE_HOME, nothing in the working tree
+    folder = service.home / "ray_results" / "full_grid-smoke"
+    assert (folder / "provlae_sweep.json").exists()
+    # its report, built from the runs and figures read through the server, went back there to the parent run
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    page = folder / "report" / "index.html"
+    assert f"Report: {page} (also the parent run's artifact report/index.html)" in out.stdout
+    assert f"Runs table: {uri}/#/experiments/{exp.experiment_id}/runs" in out.stdout
+    parent, = client.search_runs([exp.experiment_id], "tags.`provlae.role` = 'sweep'")
+    logged = client.download_artifacts(parent.info.run_id, "report/index.html", str(tmp_path))
+    assert Path(logged).read_bytes() == page.read_bytes() and b'data-artifact="figures/' in page.read_bytes()
 
 
 @pytest.mark.slow
