@@ -336,12 +336,14 @@ def test_killed_search_resumes_the_study(local_ray, provlae_home, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_search_driver_killed_outright_leaves_runs_that_the_rerun_sets_right(local_ray, provlae_home, tmp_path):
+def test_a_search_driver_killed_outright_leaves_runs_that_the_rerun_sets_right(local_ray, provlae_home, tmp_path,
+                                                                              paced):
     """SIGKILL while a configuration trains (no chance to record anything): the rerun marks what the dead
-    driver left RUNNING as KILLED, as the grid's does, and finishes the search in the same runs."""
+    driver left RUNNING as KILLED, as the grid's does, and finishes the search in the same runs. The
+    configuration is of the paced family (tests/paced.py): long enough to be killed, cheap to train."""
     env = {**os.environ, "PROVLAE_HOME": str(provlae_home)}
-    cmd = search_cmd(tmp_path, "orphans", "--family", "beta_vae", "--trials", "1", "--set", "steps_per_stage=200",
-                     "--address", local_ray)
+    cmd = search_cmd(tmp_path, "orphans", "--plugin", paced.MODULE, "--family", paced.FAMILY, "--trials", "1",
+                     "--set", "steps_per_stage=20", "--address", local_ray)
 
     def running_trial_runs():
         return [r for r in runs_of(tmp_path, "orphans")[1] if r.info.status == "RUNNING"]
@@ -360,7 +362,7 @@ def test_a_search_driver_killed_outright_leaves_runs_that_the_rerun_sets_right(l
 
     steps = [m.step for m in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
         trial.info.run_id, "loss")]
-    total = spec("beta_vae", objective="recon_error", **{**TINY, "steps_per_stage": 200}).base.total_steps
+    total = spec(paced.FAMILY, objective="recon_error", **{**TINY, "steps_per_stage": 20}).base.total_steps
     assert sorted(steps) == list(range(TINY["log_every"], total + 1, TINY["log_every"]))  # every step once
 
 
