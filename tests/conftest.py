@@ -55,15 +55,19 @@ def provlae_home(tmp_path_factory) -> Path:
     return home
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def paced():
-    """The paced plug-in family (tests/paced.py), loaded here as a sweep loads it: its module."""
+    """The paced plug-in family (tests/paced.py), loaded here as a sweep loads it, for this test only (a
+    sweep of every registered family, later in this process, must not see it): its module."""
     import sys
+
+    from registries import isolated_registries
 
     from provlae import plugins
 
-    (name,) = plugins.load("tests.paced")
-    return sys.modules[name]
+    with isolated_registries():
+        (name,) = plugins.load("tests.paced")
+        yield sys.modules[name]
 
 
 @pytest.fixture(scope="module")

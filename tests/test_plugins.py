@@ -4,7 +4,6 @@ dataset, and both real file formats from a data directory through one Ray sweep 
 bad plug-ins and data directories as one error, exit 2."""
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from registries import isolated_registries
 
 from provlae import data, plugins
 from provlae.__main__ import main as cli_main
@@ -25,22 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = "examples.tc_vlae,examples.bars"
 TINY = dict(levels=2, steps_per_stage=3, batch_size=16, fade_in_steps=2, log_every=1, mi_samples=100,
             factor_train_votes=40, factor_eval_votes=20, hidden=32, channels=8, device="cpu")
-
-
-@contextlib.contextmanager
-def isolated_registries():
-    """Registrations and imports made inside are undone after: other test modules see the built-ins only."""
-    families, datasets, path = dict(FAMILIES), dict(data.DATASETS), list(sys.path)
-    try:
-        yield
-    finally:
-        added = {c.__module__ for n, c in FAMILIES.items() if n not in families}
-        added |= {type(s).__module__ for n, s in data.DATASETS.items() if n not in datasets}
-        FAMILIES.clear(), FAMILIES.update(families)
-        data.DATASETS.clear(), data.DATASETS.update(datasets)
-        for name in added:  # the plug-in modules: a later load imports (and registers) them again
-            sys.modules.pop(name, None)
-        sys.path[:] = path
 
 
 with isolated_registries():  # which names the examples add, read from the examples themselves
