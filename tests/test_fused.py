@@ -267,7 +267,7 @@ def test_checkpoint_from_another_device_type_resumes(tmp_path, monkeypatch):
 def test_compiled_steps_follow_the_eager_ones():
     """compile=torch (solo and fused) across a stage boundary: the fade-in is a tensor, so one graph per
     stage; the losses are the eager ones up to float32 reassociation."""
-    kw = dict(BASE, family="pro_vlae", dtype="float32", steps_per_stage=3, fade_in_steps=2)
+    kw = dict(BASE, family="pro_vlae", dtype="float32", levels=2, steps_per_stage=3, fade_in_steps=2)
     eager = [TrialConfig.from_dict({**kw, **m}) for m in members("pro_vlae")[:2]]
     compiled = [c.with_overrides({"compile": "torch"}) for c in eager]
 
