@@ -173,20 +173,21 @@ def timed_steps(trainer, device, budget_s: float, p: dict) -> tuple[int, float, 
     return n, seconds, warm_s
 
 
-LAUNCH_STEPS = 2  # steps profiled for the launch count (twice: a run's one-off work subtracted)
+LAUNCH_STEPS = 2  # steps profiled for the launch count on CUDA (twice: a run's one-off work subtracted)
 
 
 def launches_per_step(trainer, device: torch.device) -> float | None:
     """What one training step launches: on CUDA its kernels and copies, on a CPU the top-level operators
     it dispatches (benchmarks/launch_count.py, the proxy). A run of 2 x LAUNCH_STEPS steps less one of
-    LAUNCH_STEPS, so what a run does once is not counted. None (and a line) where the profiler fails: the
-    section's speed stands without it."""
+    LAUNCH_STEPS, so what a run does once is not counted; on a CPU one step each (every step dispatches
+    the same operators). None (and a line) where the profiler fails: the section's speed stands without
+    it."""
     try:
         if device.type == "cuda":
             return (kernels(trainer, 2 * LAUNCH_STEPS) - kernels(trainer, LAUNCH_STEPS)) / LAUNCH_STEPS
         from benchmarks.launch_count import operators
 
-        return (operators(trainer, 2 * LAUNCH_STEPS) - operators(trainer, LAUNCH_STEPS)) / LAUNCH_STEPS
+        return operators(trainer, 2) - operators(trainer, 1)
     except Exception as e:  # noqa: BLE001 - a profiler without CUPTI, say
         say(f"  launches: not counted ({type(e).__name__}: {first_line(e, '')})")
         return None

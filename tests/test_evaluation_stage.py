@@ -9,20 +9,17 @@ before representations were stored, a damaged file), and one real smoke sweep ru
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from commands import run_command
 
 from analysis import record
 from analysis.__main__ import main as analysis_main
 from provlae import representation
 from provlae.metrics import names, scoring
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZES = (4, 5)  # the synthetic dataset's factor sizes
 N = 600  # stored points per representation
 STAGES = 3
@@ -329,7 +326,7 @@ def test_udr_agreement_is_spearmans_rho_per_cell_and_pooled():
 
 
 def test_a_smoke_sweep_evaluates_at_its_end_and_the_cli_adds_nothing_twice(local_ray, tmp_path, capsys,
-                                                                          check_sweep_runs):
+                                                                          check_sweep_runs, monkeypatch):
     import smoke
 
     from sweeps import grid
@@ -352,9 +349,8 @@ def test_a_smoke_sweep_evaluates_at_its_end_and_the_cli_adds_nothing_twice(local
         assert f"{name} stage 2: mig_hist " in out
     assert "udr dsprites_pro_vlae_beta1 stage 2: seed 0 " in out
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cli = subprocess.run([sys.executable, "-m", "analysis", "evaluate", "--experiment", "ev", "--tracking-uri", uri,
-                          "--metrics", "udr,mig_hist"], capture_output=True, text=True, env=env, timeout=300)
+    cli = run_command("analysis", "evaluate", "--experiment", "ev", "--tracking-uri", uri, "--metrics", "udr,mig_hist",
+                      capsys=capsys, monkeypatch=monkeypatch)  # in this process (tests/commands.py)
     assert cli.returncode == 0, cli.stderr
     assert "nothing to compute: 2 run-stage(s) already hold mig_hist, udr" in cli.stdout
     assert snapshot(uri, {n: r.info.run_id for n, r in runs.items()}) == snap
