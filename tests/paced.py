@@ -5,7 +5,7 @@ A fault test needs a trial that lasts long enough to be stopped mid-stage, not o
 the narrow smoke network (tests/smoke.py) a paced trial lasts about as long as one at the preset's width
 while it costs the narrow network's CPU. The wait changes nothing computed, so a paced trial's numbers
 are those of the same trial unpaced: the tests train their uninterrupted reference in their own process
-with the wait off (``unpaced``).
+with the wait off (``reference``).
 
 Load it as a plug-in, ``--plugin tests.paced`` from the repository's root (the sweep's workers get its
 folder from the trial's ``plugins`` field), and sweep ``--families paced``.
@@ -39,3 +39,19 @@ def unpaced():
         yield
     finally:
         Paced.pace = pace
+
+
+def reference(cfg, on_event=None) -> dict:
+    """The trial trained here, uninterrupted, as its worker trains it (one torch thread) and unpaced: its
+    final metrics (``on_event`` gets its events)."""
+    import torch
+
+    from provlae.train import Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the trial
+    try:
+        with unpaced():
+            return Trainer(cfg).run(on_event)
+    finally:
+        torch.set_num_threads(threads)

@@ -83,24 +83,13 @@ def logged_step(uri: str, sweep: str) -> int:
 def reference_run(paced, cfg) -> tuple[dict, list[tuple[int, float]]]:
     """The trial trained in this process, uninterrupted (and unpaced): its final metrics and its loss
     history."""
-    import torch
-
-    from provlae.train import Trainer
-
     losses = []
 
     def on_event(event):  # the first value at a step is the one a run keeps
         if "loss" in event.metrics and (not losses or event.step > losses[-1][0]):
             losses.append((event.step, float(event.metrics["loss"])))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the trial
-    try:
-        with paced.unpaced():
-            final = Trainer(cfg).run(on_event)
-    finally:
-        torch.set_num_threads(threads)
-    return final, losses
+    return paced.reference(cfg, on_event), losses
 
 
 def assert_same_as_uninterrupted(uri: str, run, cfg, reference) -> None:

@@ -185,10 +185,6 @@ def test_diverging_cell_fails_alone(local_ray, store, capsys, check_sweep_runs):
 def test_killed_worker_resumes_into_the_same_run(local_ray, store, check_sweep_runs, paced):
     """SIGKILL the trial's worker once a mid-stage checkpoint is in: the retry restores it and ends with
     one run, every step once, and the numbers of an uninterrupted run."""
-    import torch
-
-    from provlae.train import Trainer
-
     long = {"steps_per_stage": "30", "checkpoint_every": "5"}  # a paced trial (tests/paced.py): stopped mid-stage
     extra = ["--plugin", paced.MODULE, "--families", paced.FAMILY, *[f"--set={k}={v}" for k, v in long.items()]]
     expected = trials({**long, "plugins": paced.MODULE}, families=[paced.FAMILY])
@@ -205,13 +201,7 @@ def test_killed_worker_resumes_into_the_same_run(local_ray, store, check_sweep_r
     assert 0 < resumed < cfg.total_steps and resumed % cfg.stage_steps != 0  # mid-stage
     assert history(store, run.info.run_id, "loss") == list(range(5, cfg.total_steps + 1, 5))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the trial
-    try:
-        with paced.unpaced():
-            reference = Trainer(cfg).run()
-    finally:
-        torch.set_num_threads(threads)
+    reference = paced.reference(cfg)  # the same trial, uninterrupted
     for key in ("mig", "mig_sup", "factor_score", "recon_error", "loss"):
         assert run.data.metrics[key] == reference[key], key
 

@@ -84,10 +84,7 @@ def test_multi_node_footguns_are_refused_before_any_run(cluster, mlflow_server, 
 
 def test_sweep_spreads_over_both_nodes_and_survives_losing_one(cluster, mlflow_server, tmp_path, check_sweep_runs,
                                                               paced):
-    import torch
     from mlflow import MlflowClient
-
-    from provlae.train import Trainer
 
     head_id = servers.alive_node_ids(cluster["head"])
     node_id = cluster["node"].node_id
@@ -118,13 +115,7 @@ def test_sweep_spreads_over_both_nodes_and_survives_losing_one(cluster, mlflow_s
     for home in cluster["homes"].values():
         assert any((home / "datasets").iterdir()), home
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the trial
-    try:
-        with paced.unpaced():
-            reference = Trainer(cfg).run()  # the same trial, uninterrupted
-    finally:
-        torch.set_num_threads(threads)
+    reference = paced.reference(cfg)  # the same trial, uninterrupted
     for key in ("mig", "mig_sup", "factor_score", "recon_error", "loss"):
         assert moved.data.metrics[key] == reference[key], key
 
