@@ -35,14 +35,17 @@ demo: $(STAMP)
 	@$(BIN)/python -c "from sweeps.launch import report_lines; \
 	print(*report_lines('demo', 'demo'), sep='\n')"
 
-# Two workers, each taking whole files (a file's servers and trained models are set up once); measured
-# faster here than sharing out the unit files' tests one by one (--dist loadgroup), and than handing out the
-# longest files first (--no-loadscope-reorder with them first: both workers then run servers at once).
+# make test: three workers on the two cores, each taking whole files (a file's servers and trained models
+# are set up once), the longest files first (tests/durations.py): a worker that waits (on a server, a
+# stopped trial, a process it started) leaves its core to the others, and the workers finish together.
+# make test-fast: whole files, longest first, in two workers (sharing out the tests one by one set up a
+# file's trained models in both; a third worker only adds contention: these tests do not wait).
+# The measured times against the other ways: README.md, Tests.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 -m "not slow"
 
 bench-quick: $(STAMP)
 	for b in benchmarks/*.py; do case $$b in */_*) continue;; esac; $(BIN)/python $$b --quick || exit 1; done

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import durations
 import pytest
 import servers  # tests/ is on sys.path (pytest's rootdir conftest)
 
@@ -24,25 +25,29 @@ SERVER_FIXTURES = frozenset({"mlflow_server", "ray_head", "local_ray", "service"
                              "auth_server"})
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--store-durations", action="store_true",
+                     help="add each test's seconds in this run to tests/durations.json (tests/durations.py)")
+
+
 def pytest_configure(config) -> None:
     """With parallel workers (``-n``), Ray's token file is made once, before they start: two workers
     generating it at once could each start a cluster with a token the file no longer holds."""
-    if config.getoption("numprocesses", default=None) and not hasattr(config, "workerinput"):
+    controller = not hasattr(config, "workerinput")
+    if config.getoption("numprocesses", default=None) and controller:
         servers.auth_token()
+    if config.getoption("store_durations") and controller:
+        config.pluginmanager.register(durations.Recorder(), "store-durations")
 
 
-def pytest_collection_modifyitems(items) -> None:
-    """``slow`` on every test that uses a server fixture. With parallel workers (``--dist loadgroup``) a
-    file with such a test runs whole on one worker (its module's servers start once, its tests keep their
-    order); the other files' tests spread over the workers one by one."""
-    serving = set()
+def pytest_collection_modifyitems(config, items) -> None:
+    """``slow`` on every test that uses a server fixture. In a parallel worker (``make test``: whole files
+    to each worker), the files longest first (tests/durations.py)."""
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-            serving.add(item.path)
-    for item in items:
-        if item.path in serving:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    if hasattr(config, "workerinput"):
+        durations.longest_files_first(items, durations.read())
 
 
 @pytest.fixture(scope="session")

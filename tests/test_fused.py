@@ -25,7 +25,7 @@ RTOL = 1e-7
 # Small: float64 convolutions on a CPU take the slow reference kernels, and every comparison below holds
 # at any batch size and width (8 conv channels, 32 dense units: a quarter of the default's and less).
 BASE = dict(dataset="dsprites", subset=400, steps_per_stage=5, batch_size=8, log_every=1, fade_in_steps=3,
-            mi_samples=100, factor_train_votes=40, factor_eval_votes=20, eval_subset=120, dtype="float64",
+            mi_samples=40, factor_train_votes=40, factor_eval_votes=20, eval_subset=120, dtype="float64",
             device="cpu", channels=8, hidden=32)
 # three members that differ in everything a member may: seed, beta and the family's own member fields
 # (gamma for pro-VLAE, the teacher-student lambdas); ``members`` keeps those of one family
