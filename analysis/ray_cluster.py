@@ -138,11 +138,11 @@ def native_stderr(logged: bytearray):
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join ``address`` / $RAY_ADDRESS (set for drivers under ``ray job submit``), else start a local Ray:
-    no dashboard, and the repository on the workers' path wherever this script is run from. A dashboard
-    (http://) address, or a token the cluster does not take, is a ConfigError before ray.init. ray.init's
-    own "Connecting to / Started a local Ray" lines are left out, so that a sweep refused once Ray is up
-    (sweeps/cluster_checks.py) says its one error line alone; the "ray" logger is then at INFO, as ray.init
-    leaves it."""
+    no dashboard, no idle workers started ahead, and the repository on the workers' path wherever this
+    script is run from. A dashboard (http://) address, or a token the cluster does not take, is a
+    ConfigError before ray.init. ray.init's own "Connecting to / Started a local Ray" lines are left out,
+    so that a sweep refused once Ray is up (sweeps/cluster_checks.py) says its one error line alone; the
+    "ray" logger is then at INFO, as ray.init leaves it."""
     import logging
 
     import ray
@@ -160,7 +160,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
             raise ConfigError(f"cannot connect to the Ray cluster at {address}: {last_line(str(e))}") from None
     else:
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-        # address="local": never silently join another user's `ray start` cluster on this machine.
+        # address="local": never silently join another user's `ray start` cluster on this machine. No
+        # workers started ahead: they would lack the job's runtime_env, so no task of it could use them.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+                 _system_config={"prestart_worker_first_driver": False})
     logging.getLogger("ray").setLevel(logging.INFO)
