@@ -19,7 +19,7 @@ from commands import run_command
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
 
 import analysis  # noqa: E402
 from analysis.__main__ import main  # noqa: E402

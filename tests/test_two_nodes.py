@@ -4,7 +4,6 @@
 SIGKILL mid-trial; the multi-node footguns are refused before any run is created."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -48,7 +47,6 @@ def driver(cluster, *args: str, timeout: float = 600) -> subprocess.CompletedPro
 @pytest.mark.parametrize("case", ["sqlite", "local-storage", "data-not-on-a-node"])
 def test_multi_node_footguns_are_refused_before_any_run(cluster, mlflow_server, tmp_path, case):
     from mlflow import MlflowClient
-
     from test_data import write_dsprites
 
     assert len(servers.alive_node_ids(cluster["head"])) == 2  # (these run before the node-loss test)
