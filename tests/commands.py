@@ -31,16 +31,22 @@ def _entry(command: str):
 def run_command(command: str, *args: str, capsys, monkeypatch, env: dict[str, str] | None = None
                 ) -> subprocess.CompletedProcess:
     """Run ``command`` (a key of COMMANDS) with ``args`` here, with ``env`` set for the call (a value of
-    None unsets the variable); argparse's own exits count as the exit status."""
+    None unsets the variable); argparse's own exits count as the exit status. torch's thread count, which
+    a command's ``--threads`` sets for the whole process, is as it was afterwards."""
+    import torch
+
     for key, value in (env or {}).items():
         if value is None:
             monkeypatch.delenv(key, raising=False)
         else:
             monkeypatch.setenv(key, value)
     capsys.readouterr()  # what the test printed before is not the command's
+    threads = torch.get_num_threads()
     try:
         code = _entry(command)(list(args))
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
+    finally:
+        torch.set_num_threads(threads)
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess([command, *args], code, out, err)

@@ -133,16 +133,10 @@ def dry_run(home: Path, capsys, monkeypatch, *args: str) -> subprocess.Completed
 
 
 def test_calibrate_measures_this_cpu_and_the_dry_run_plans_from_it(tmp_path, capsys, monkeypatch):
-    import torch
-
-    threads = torch.get_num_threads()
-    try:  # in this process (tests/commands.py); --threads sets torch's count here
-        out = run_command("provlae", "calibrate", "--device", "cpu", "--fuse", "1,2", "--batch-size", "32",
-                          "--seconds", "1", "--threads", "1", "--eval-images", "512", "--set", "mi_samples=500",
-                          "--set", "factor_train_votes=100", "--set", "factor_eval_votes=50", capsys=capsys,
-                          monkeypatch=monkeypatch, env={"PROVLAE_HOME": str(tmp_path)})
-    finally:
-        torch.set_num_threads(threads)
+    out = run_command("provlae", "calibrate", "--device", "cpu", "--fuse", "1,2", "--batch-size", "32",
+                      "--seconds", "1", "--threads", "1", "--eval-images", "512", "--set", "mi_samples=500",
+                      "--set", "factor_train_votes=100", "--set", "factor_eval_votes=50", capsys=capsys,
+                      monkeypatch=monkeypatch, env={"PROVLAE_HOME": str(tmp_path)})  # in this process
     assert out.returncode == 0, out.stderr[-3000:]
     table = read_table(tmp_path / "throughput.json")
     assert [(m.device, m.fuse, m.batch_size, m.source) for m in table] == [("cpu", 1, 32, "calibrate"),
